@@ -1,0 +1,50 @@
+"""Settings, read once from ``GPUFLOW_*`` environment variables (and an optional ``.env``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every tunable of the system; the README's configuration table mirrors this class."""
+
+    model_config = SettingsConfigDict(env_prefix="GPUFLOW_", env_file=".env", extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None, description="External Redis URL; when unset, `up` starts an embedded one."
+    )
+    redis_server: str | None = Field(
+        default=None, description="Path of a redis-server >= 6.2 binary for the embedded Redis."
+    )
+    data_dir: Path = Field(default=Path(".gpuflow"), description="Embedded Redis data and keys.")
+    namespace: str = Field(default="gf:", description="Prefix of every Redis key.")
+    admin_key: str | None = Field(default=None, description="Admin API key (else generated).")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    vip_priority: int = Field(default=2, description="Tasks with priority >= this go to VIP.")
+    max_payload_bytes: int = Field(default=1_048_576, description="Largest payload / result.")
+    default_timeout_ms: int = 300_000
+    default_max_retries: int = 3
+    default_processing_ms: int = Field(
+        default=60_000, description="Processing time assumed before a task type has samples."
+    )
+    retry_base_ms: int = Field(default=1_000, description="First retry backoff (doubles).")
+    retry_max_ms: int = Field(default=60_000, description="Largest retry backoff.")
+    gpu_fault_threshold: int = Field(
+        default=5, description="Consecutive task failures that make a GPU FAULTY (0 = never)."
+    )
+    lease_ms: int = Field(default=60_000, description="Lease of a PROCESSING task.")
+    heartbeat_interval_s: float = 5.0
+    gpu_offline_after_s: float = Field(default=30.0, description="Silence before OFFLINE.")
+    claim_wait_max_s: float = Field(default=60.0, description="Longest claim long-poll.")
+    metrics_public: bool = Field(default=True, description="Serve /metrics without a key.")
+    events_maxlen: int = 10_000
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

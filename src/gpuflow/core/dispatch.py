@@ -1,0 +1,84 @@
+"""Claiming work for a GPU: one Lua call that starts tasks up to the node's free capacity.
+
+A node that finds nothing waits in a blocking ``XREADGROUP`` on all its streams. Redis hands
+each new entry to exactly one blocked consumer of the group, so a new task wakes one idle
+node, not all of them. The entry it received is passed into the claim script, which starts
+it (or puts it back when the node is no longer able to take it) atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from gpuflow.core.errors import NotFound
+from gpuflow.core.gpus import Gpus
+from gpuflow.core.models import GpuStatus
+from gpuflow.core.tasks import started_tasks
+from gpuflow.store import Store
+from gpuflow.store.keys import GROUP
+
+
+class Dispatcher:
+    """Claims for GPUs; ``blocking`` is a client reserved for blocking reads."""
+
+    def __init__(self, store: Store, gpus: Gpus, blocking: Any) -> None:
+        self.store = store
+        self.gpus = gpus
+        self.blocking = blocking
+
+    async def _node(self, gpu_id: str) -> tuple[str, list[str]]:
+        h = await self.store.redis.hmget(
+            self.store.keys.gpu(gpu_id), "status", "supportedTaskTypes", "supportedTaskPriority"
+        )
+        if h[0] is None:
+            raise NotFound(f"GPU {gpu_id} not registered")
+        streams = self.gpus.streams_for(json.loads(h[1] or "[]"), h[2] or "NORMAL")
+        return h[0], streams
+
+    async def _claim(
+        self, gpu_id: str, streams: list[str], pre: list[tuple[str, str, str]], recover: bool
+    ) -> tuple[int, list[dict[str, Any]]]:
+        flat = [x for triple in pre for x in triple]
+        reply = await self.store.scripts.call(
+            "claim",
+            gpu_id,
+            self.store.settings.lease_ms,
+            1 if recover else 0,
+            len(pre),
+            *flat,
+            *streams,
+        )
+        return started_tasks(reply)
+
+    async def claim(
+        self, gpu_id: str, wait_s: float = 0.0, *, recover: bool = False
+    ) -> list[dict[str, Any]]:
+        """Start what the node can take now; if nothing, wait up to ``wait_s`` for a task."""
+        status, streams = await self._node(gpu_id)
+        if status != GpuStatus.ACTIVE or not streams:
+            await asyncio.sleep(min(wait_s, 1.0))
+            return []
+        free, started = await self._claim(gpu_id, streams, [], recover)
+        if started or wait_s <= 0:
+            return started
+        if free <= 0:
+            await asyncio.sleep(min(wait_s, 1.0))
+            return []
+        reply = await self.blocking.xreadgroup(
+            GROUP,
+            gpu_id,
+            dict.fromkeys(streams, ">"),
+            count=1,
+            block=max(int(wait_s * 1000), 1),
+        )
+        pre = [
+            (stream, eid, fields.get("id", ""))
+            for stream, entries in reply or []
+            for eid, fields in entries
+        ]
+        if not pre:
+            return []
+        _, started = await self._claim(gpu_id, streams, pre, False)
+        return started

@@ -1,0 +1,134 @@
+"""The GPU node registry: register, heartbeat, fault / recover, and who can serve what."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpuflow.core.errors import NotFound
+from gpuflow.core.models import GpuStatus, Tier, gpu_view
+from gpuflow.store import Store
+from gpuflow.store.keys import TIERS
+
+
+@dataclass(slots=True)
+class GpuSpec:
+    """What a node tells about itself when it registers (the seed's register body)."""
+
+    gpu_id: str
+    supported_task_types: list[int]
+    supported_task_priority: Tier = Tier.NORMAL
+    max_concurrent_tasks: int = 1
+    hostname: str = ""
+    ip: str = ""
+    port: int | None = None
+    version: str = ""
+    vast_ins_id: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, str]:
+        return {
+            "hostname": self.hostname,
+            "vastInsId": self.vast_ins_id,
+            "ip": self.ip,
+            "port": "" if self.port is None else str(self.port),
+            "supportedTaskTypes": json.dumps(sorted(set(self.supported_task_types))),
+            "supportedTaskPriority": self.supported_task_priority.value,
+            "version": self.version,
+            "maxConcurrentTasks": str(self.max_concurrent_tasks),
+            "metadata": json.dumps(self.metadata),
+        }
+
+
+def serves(view: dict[str, Any], task_type: int, tier: Tier) -> bool:
+    """Dispatch rule: the type must be supported; a VIP node takes only VIP tasks."""
+    if task_type not in view["supportedTaskTypes"]:
+        return False
+    return not (view["supportedTaskPriority"] == Tier.VIP and tier is Tier.NORMAL)
+
+
+class Gpus:
+    """GPU registry over one :class:`Store`."""
+
+    CAPACITY_TTL_S = 1.0
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.keys = store.keys
+        self._capacity_cache: tuple[float, list[dict[str, Any]]] | None = None
+
+    def streams_for(self, types: list[int], priority: str) -> list[str]:
+        """The queues a node reads, in the order it must read them (VIP first)."""
+        tiers = ("VIP",) if priority == Tier.VIP else TIERS
+        return [self.keys.queue(t, tier) for tier in tiers for t in sorted(types)]
+
+    async def register(self, spec: GpuSpec) -> str:
+        flat = [x for kv in spec.fields().items() for x in kv]
+        streams = self.streams_for(spec.supported_task_types, spec.supported_task_priority)
+        status = await self.store.scripts.call(
+            "register_gpu", spec.gpu_id, len(flat) // 2, *flat, *streams
+        )
+        self._capacity_cache = None
+        return str(status)
+
+    async def heartbeat(self, gpu_id: str) -> str:
+        status = await self.store.scripts.call(
+            "heartbeat_gpu", gpu_id, self.store.settings.lease_ms
+        )
+        if not status:
+            raise NotFound(f"GPU {gpu_id} not registered")
+        return str(status)
+
+    async def set_status(self, gpu_id: str, status: GpuStatus, reason: str = "") -> str:
+        old = await self.store.scripts.call("set_gpu_status", gpu_id, status.value, reason)
+        if not old:
+            raise NotFound(f"GPU {gpu_id} not registered")
+        self._capacity_cache = None
+        return str(old)
+
+    async def delete(self, gpu_id: str) -> int:
+        requeued = await self.store.scripts.call("delete_gpu", gpu_id)
+        if requeued is None or requeued is False:
+            raise NotFound(f"GPU {gpu_id} not registered")
+        self._capacity_cache = None
+        return int(requeued)
+
+    async def get(self, gpu_id: str) -> dict[str, Any]:
+        async with self.store.redis.pipeline(transaction=False) as p:
+            p.hgetall(self.keys.gpu(gpu_id))
+            p.scard(self.keys.gpu_running(gpu_id))
+            h, running = await p.execute()
+        if not h:
+            raise NotFound(f"GPU {gpu_id} not registered")
+        return gpu_view(h, int(running))
+
+    async def all(self) -> list[dict[str, Any]]:
+        ids = await self.store.redis.zrange(self.keys.gpus, 0, -1)
+        async with self.store.redis.pipeline(transaction=False) as p:
+            for gpu_id in ids:
+                p.hgetall(self.keys.gpu(gpu_id))
+                p.scard(self.keys.gpu_running(gpu_id))
+            replies = await p.execute()
+        return [gpu_view(h, int(n)) for h, n in zip(replies[::2], replies[1::2], strict=True) if h]
+
+    async def by_task_type(self, task_type: int, priority: Tier | None) -> list[dict[str, Any]]:
+        """Nodes that would serve a task of this type (and, when given, this priority)."""
+        return [
+            v
+            for v in await self.all()
+            if task_type in v["supportedTaskTypes"]
+            and (priority is None or serves(v, task_type, priority))
+        ]
+
+    async def capacity(self, task_type: int, tier: Tier) -> int:
+        """Sum of maxConcurrentTasks of ACTIVE nodes serving (type, tier); cached briefly."""
+        now = time.monotonic()
+        if self._capacity_cache is None or now - self._capacity_cache[0] > self.CAPACITY_TTL_S:
+            self._capacity_cache = (now, await self.all())
+        return sum(
+            int(v["maxConcurrentTasks"] or 0)
+            for v in self._capacity_cache[1]
+            if v["status"] == GpuStatus.ACTIVE and serves(v, task_type, tier)
+        )

@@ -1,0 +1,300 @@
+"""Tasks: creation, reads, and the worker-side transitions (progress, finish, requeue)."""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from gpuflow.core.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
+from gpuflow.core.estimate import wait_seconds
+from gpuflow.core.gpus import Gpus
+from gpuflow.core.models import TaskStatus, Tier, parse_json_or_text, task_view
+from gpuflow.store import Store
+
+FINAL_OUTCOMES = (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.TIMEOUT)
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    task_type: int
+    payload: str = ""
+    user_id: str | None = None
+    app: str | None = None
+    priority: int = 0
+    env: str | None = None
+    max_retries: int | None = None
+    timeout: int | None = None
+
+
+def _raise_for(reply: list[Any], task_id: str) -> None:
+    """Turn a script's {'NOTFOUND'} / {'CONFLICT', why} reply into the domain error."""
+    if reply[0] == "NOTFOUND":
+        raise NotFound(f"task {task_id} not found")
+    if reply[0] == "CONFLICT":
+        raise Conflict(f"task {task_id}: {reply[1]}")
+    if reply[0] == "NOGPU":
+        raise NotFound("GPU not registered")
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+class Tasks:
+    """The task side of the domain, over one :class:`Store`."""
+
+    def __init__(self, store: Store, gpus: Gpus) -> None:
+        self.store = store
+        self.keys = store.keys
+        self.settings = store.settings
+        self.gpus = gpus
+
+    def tier_of(self, priority: int) -> Tier:
+        return Tier.VIP if priority >= self.settings.vip_priority else Tier.NORMAL
+
+    async def create(self, new: NewTask) -> dict[str, Any]:
+        if len(new.payload.encode()) > self.settings.max_payload_bytes:
+            raise PayloadTooLarge(f"payload is larger than {self.settings.max_payload_bytes} bytes")
+        task_id = f"task_{uuid.uuid4().hex}"
+        tier = self.tier_of(new.priority)
+        fields: dict[str, Any] = {
+            "taskType": new.task_type,
+            "tier": tier.value,
+            "priority": new.priority,
+            "payload": new.payload,
+            "userId": new.user_id or "",
+            "app": new.app or "",
+            "env": new.env or "",
+            "maxRetries": self.settings.default_max_retries
+            if new.max_retries is None
+            else new.max_retries,
+            "timeout": self.settings.default_timeout_ms if new.timeout is None else new.timeout,
+        }
+        avg_ms = await self._avg_ms(new.task_type)
+        capacity = await self.gpus.capacity(new.task_type, tier)
+        flat = [x for kv in fields.items() for x in kv]
+        display, seq, deq = await self.store.scripts.call("create_task", task_id, *flat)
+        ahead = int(seq) - int(deq) - 1 + await self._vip_ahead(new.task_type, tier)
+        wait = wait_seconds(ahead, capacity, avg_ms)
+        await self.store.redis.hset(self.keys.task(task_id), "estimatedWaitTime", wait)
+        return {
+            "taskId": task_id,
+            "displayId": int(display),
+            "status": TaskStatus.QUEUED.value,
+            "estimatedWaitTime": wait,
+        }
+
+    async def _avg_ms(self, task_type: int) -> float:
+        avg = await self.store.redis.hget(self.keys.tstat(task_type), "avgMs")
+        return float(avg) if avg else float(self.settings.default_processing_ms)
+
+    async def _vip_ahead(self, task_type: int, tier: Tier) -> int:
+        if tier is Tier.VIP:
+            return 0
+        enq, deq = await self.store.redis.hmget(self.keys.qstat(task_type, "VIP"), "enq", "deq")
+        return max(int(enq or 0) - int(deq or 0), 0)
+
+    async def _raw(self, task_id: str) -> dict[str, str]:
+        h: dict[str, str] = await self.store.redis.hgetall(self.keys.task(task_id))
+        if not h:
+            raise NotFound(f"task {task_id} not found")
+        return h
+
+    async def _position(self, h: dict[str, str]) -> int:
+        """1-based place in line of a QUEUED task (0 when it is not queued)."""
+        if h.get("status") != TaskStatus.QUEUED:
+            return 0
+        task_type, tier = int(h["taskType"]), Tier(h["tier"])
+        deq = await self.store.redis.hget(self.keys.qstat(task_type, tier.value), "deq")
+        own = int(h.get("queueSeq") or 0) - int(deq or 0) - 1
+        return max(own, 0) + await self._vip_ahead(task_type, tier) + 1
+
+    async def _wait(self, h: dict[str, str], position: int) -> int:
+        task_type, tier = int(h["taskType"]), Tier(h["tier"])
+        capacity = await self.gpus.capacity(task_type, tier)
+        return wait_seconds(position - 1, capacity, await self._avg_ms(task_type))
+
+    async def get(self, task_id: str) -> dict[str, Any]:
+        h = await self._raw(task_id)
+        view = task_view(h)
+        if h.get("status") == TaskStatus.QUEUED:
+            view["estimatedWaitTime"] = await self._wait(h, await self._position(h))
+        return view
+
+    async def owner_of(self, task_id: str) -> str | None:
+        owner = await self.store.redis.hget(self.keys.task(task_id), "userId")
+        if owner is None:
+            exists = await self.store.redis.exists(self.keys.task(task_id))
+            if not exists:
+                raise NotFound(f"task {task_id} not found")
+        return owner or None
+
+    async def list(
+        self,
+        *,
+        status: TaskStatus | None = None,
+        task_type: int | None = None,
+        gpu_id: str | None = None,
+        user_id: str | None = None,
+        page: int = 1,
+        size: int = 20,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Newest first; returns one page and the total number of matches."""
+        k = self.keys
+        sets = [
+            key
+            for cond, key in (
+                (status is not None, k.idx_status(str(status))),
+                (task_type is not None, k.idx_type(task_type or 0)),
+                (gpu_id is not None, k.idx_gpu(gpu_id or "")),
+                (user_id is not None, k.idx_user(user_id or "")),
+            )
+            if cond
+        ] or [k.idx_all]
+        start, stop = (page - 1) * size, page * size - 1
+        r = self.store.redis
+        if len(sets) == 1:
+            async with r.pipeline(transaction=False) as p:
+                p.zrevrange(sets[0], start, stop)
+                p.zcard(sets[0])
+                ids, total = await p.execute()
+        else:
+            tmp = k.tmp(uuid.uuid4().hex)
+            async with r.pipeline(transaction=True) as p:
+                p.zinterstore(tmp, sets, aggregate="MAX")
+                p.zrevrange(tmp, start, stop)
+                p.delete(tmp)
+                total, ids, _ = await p.execute()
+        async with r.pipeline(transaction=False) as p:
+            for task_id in ids:
+                p.hgetall(k.task(task_id))
+            hashes = await p.execute()
+        return [task_view(h) for h in hashes if h], int(total)
+
+    async def progress_view(self, task_id: str) -> dict[str, Any]:
+        h = await self._raw(task_id)
+        status = h["status"]
+        position = await self._position(h)
+        now = int(await self._now_ms())
+        progress = int(h.get("progress") or 0)
+        avg_s = await self._avg_ms(int(h["taskType"])) / 1000.0
+        if status == TaskStatus.QUEUED:
+            remaining = max(await self._wait(h, position), 0)
+        elif status == TaskStatus.PROCESSING:
+            elapsed = max(now - int(h.get("startedAt") or now), 0) / 1000.0
+            if progress > 0:
+                remaining = round(elapsed * (100 - progress) / progress)
+            else:
+                remaining = max(round(avg_s - elapsed), 0)
+        else:
+            remaining = 0
+        return {
+            "taskId": task_id,
+            "status": status,
+            "progress": progress,
+            "message": h.get("progressMessage") or None,
+            "estimatedRemainingTime": remaining,
+            "gpuId": h.get("gpuId") or None,
+            "startTime": int(h["startedAt"]) if h.get("startedAt") else None,
+            "updateTime": int(h["updatedAt"]),
+            "queuePosition": position,
+        }
+
+    async def _now_ms(self) -> int:
+        sec, usec = await self.store.redis.time()
+        return int(sec) * 1000 + int(usec) // 1000
+
+    async def result_view(self, task_id: str) -> dict[str, Any]:
+        h = await self._raw(task_id)
+        return {
+            "taskId": task_id,
+            "status": h["status"],
+            "result": parse_json_or_text(h.get("result") or None),
+            "errorMessage": h.get("errorMessage") or None,
+            "gpuId": h.get("gpuId") or None,
+            "completedAt": int(h["completedAt"]) if h.get("completedAt") else None,
+        }
+
+    async def report_progress(
+        self,
+        task_id: str,
+        percent: int,
+        message: str | None = None,
+        *,
+        gpu_id: str | None = None,
+        attempt: int | None = None,
+    ) -> None:
+        if not 0 <= percent <= 100:
+            raise InvalidInput("progress must be between 0 and 100")
+        reply = await self.store.scripts.call(
+            "progress",
+            task_id,
+            "" if attempt is None else attempt,
+            gpu_id or "",
+            percent,
+            message or "",
+            self.settings.lease_ms,
+        )
+        _raise_for(reply, task_id)
+
+    async def finish(
+        self,
+        task_id: str,
+        outcome: TaskStatus,
+        text: str,
+        *,
+        gpu_id: str | None = None,
+        attempt: int | None = None,
+        retryable: bool = True,
+    ) -> TaskStatus:
+        """Record an attempt's end; a retryable failure with retries left goes back to QUEUED."""
+        if outcome not in FINAL_OUTCOMES:
+            raise InvalidInput(f"{outcome} is not a final outcome")
+        if len(text.encode()) > self.settings.max_payload_bytes:
+            raise PayloadTooLarge(f"result is larger than {self.settings.max_payload_bytes} bytes")
+        s = self.settings
+        reply = await self.store.scripts.call(
+            "finish_task",
+            task_id,
+            "" if attempt is None else attempt,
+            gpu_id or "",
+            outcome.value,
+            text,
+            1 if retryable else 0,
+            s.retry_base_ms,
+            s.gpu_fault_threshold,
+            s.retry_max_ms,
+            random.uniform(0.5, 1.0),
+        )
+        _raise_for(reply, task_id)
+        return TaskStatus(reply[1])
+
+    async def start(self, task_id: str, gpu_id: str, message: str | None = None) -> int:
+        """Push-style start of a QUEUED task on ``gpu_id``; returns the attempt number."""
+        reply = await self.store.scripts.call(
+            "start_task", task_id, gpu_id, self.settings.lease_ms, message or ""
+        )
+        _raise_for(reply, task_id)
+        return int(reply[1])
+
+    async def requeue(self, task_id: str, attempt: int | None = None) -> None:
+        reply = await self.store.scripts.call(
+            "requeue_task", task_id, "" if attempt is None else attempt
+        )
+        _raise_for(reply, task_id)
+
+    async def promote_delayed(self, limit: int = 1000) -> int:
+        return int(await self.store.scripts.call("promote_delayed", limit))
+
+
+def result_text(result: Any) -> str:
+    """A result as stored: strings as they are, anything else as JSON."""
+    return result if isinstance(result, str) else json.dumps(result, separators=(",", ":"))
+
+
+def started_tasks(reply: list[Any]) -> tuple[int, list[dict[str, Any]]]:
+    """Decode the claim script's reply into (free capacity, task views)."""
+    return int(reply[0]), [task_view(_pairs(flat)) for flat in reply[1:]]

@@ -1,0 +1,67 @@
+-- Record the end of an attempt (fenced by attempt number and GPU).
+-- ARGV[3] taskId, ARGV[4] attempt ('' = current), ARGV[5] gpuId ('' = any),
+-- ARGV[6] outcome COMPLETED|FAILED|TIMEOUT, ARGV[7] result or error text,
+-- ARGV[8] retryable 1|0, ARGV[9] retry backoff base ms (0 = requeue at once),
+-- ARGV[10] GPU failure threshold (0 = off), ARGV[11] backoff cap ms, ARGV[12] jitter factor.
+-- The backoff of retry n (n = retryCount before it) is min(cap, base * 2^n) * jitter.
+-- Returns {'OK', newStatus} or {'NOTFOUND'} / {'CONFLICT', why}.
+local id, attempt, gpu_arg, outcome = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local text, retryable, base = ARGV[7], ARGV[8] == '1', tonumber(ARGV[9])
+local threshold, cap, jitter = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+local tkey = k_task(id)
+local t = redis.call('HMGET', tkey, 'status', 'attempt', 'gpuId', 'retryCount', 'maxRetries',
+                     'startedAt', 'taskType')
+if not t[1] then return {'NOTFOUND'} end
+if t[1] ~= 'PROCESSING' then return {'CONFLICT', 'task is ' .. t[1] .. ', not PROCESSING'} end
+if attempt ~= '' and attempt ~= t[2] then
+  return {'CONFLICT', 'stale attempt ' .. attempt .. ' (current attempt is ' .. t[2] .. ')'}
+end
+local gpu = t[3]
+if gpu_arg ~= '' and gpu_arg ~= gpu then
+  return {'CONFLICT', 'task runs on GPU ' .. gpu .. ', not ' .. gpu_arg}
+end
+local now = now_ms()
+redis.call('ZREM', K_LEASES, id)
+redis.call('SREM', k_running(gpu), id)
+local gkey = k_gpu(gpu)
+local has_gpu = redis.call('EXISTS', gkey) == 1
+if outcome == 'COMPLETED' then
+  set_status(tkey, id, 'PROCESSING', 'COMPLETED')
+  redis.call('HSET', tkey, 'result', text, 'completedAt', now, 'updatedAt', now, 'progress', 100,
+             'errorMessage', '', 'leaseDeadline', '')
+  local took = now - tonumber(t[6])
+  local sk = k_tstat(t[7])
+  local avg = tonumber(redis.call('HGET', sk, 'avgMs'))
+  if avg then avg = avg * 0.8 + took * 0.2 else avg = took end
+  redis.call('HSET', sk, 'avgMs', math.floor(avg))
+  redis.call('HINCRBY', sk, 'n', 1)
+  if has_gpu then redis.call('HSET', gkey, 'taskFailureCount', 0) end
+  emit('completed', id, 'COMPLETED', {'gpuId', gpu})
+  return {'OK', 'COMPLETED'}
+end
+redis.call('HSET', tkey, 'errorMessage', text, 'updatedAt', now, 'leaseDeadline', '')
+if has_gpu then
+  local fails = redis.call('HINCRBY', gkey, 'taskFailureCount', 1)
+  if threshold > 0 and fails >= threshold and redis.call('HGET', gkey, 'status') == 'ACTIVE' then
+    redis.call('HSET', gkey, 'status', 'FAULTY',
+               'faultReason', fails .. ' consecutive task failures')
+  end
+end
+if retryable and tonumber(t[4]) < tonumber(t[5]) then
+  local delay = math.floor(math.min(cap, base * 2 ^ tonumber(t[4])) * jitter)
+  redis.call('HINCRBY', tkey, 'retryCount', 1)
+  set_status(tkey, id, 'PROCESSING', 'QUEUED')
+  redis.call('HSET', tkey, 'progress', 0, 'progressMessage', '')
+  if delay > 0 then
+    redis.call('ZADD', K_DELAYED, now + delay, id)
+    redis.call('HSET', tkey, 'streamId', '')
+  else
+    enqueue(id, tkey)
+  end
+  emit('retry', id, 'QUEUED', {'error', text})
+  return {'OK', 'QUEUED'}
+end
+set_status(tkey, id, 'PROCESSING', outcome)
+redis.call('HSET', tkey, 'completedAt', now)
+emit(string.lower(outcome), id, outcome, {'error', text})
+return {'OK', outcome}

@@ -1,0 +1,66 @@
+-- Shared prelude of every gpuflow script (prepended by scripts.py).
+-- ARGV[1] is the key prefix, ARGV[2] the events stream MAXLEN; script-specific
+-- arguments start at ARGV[3]. Key names mirror gpuflow/store/keys.py exactly.
+local P = ARGV[1]
+local EVENTS_MAXLEN = ARGV[2]
+
+local function k_task(id) return P .. 'task:' .. id end
+local function k_queue(t, tier) return P .. 'q:' .. t .. ':' .. tier end
+local function k_qstat(t, tier) return P .. 'qstat:' .. t .. ':' .. tier end
+local function k_tstat(t) return P .. 'tstat:' .. t end
+local function k_status(s) return P .. 'idx:status:' .. s end
+local function k_gpu(g) return P .. 'gpu:' .. g end
+local function k_running(g) return P .. 'gpu:' .. g .. ':running' end
+local K_LEASES = P .. 'leases'
+local K_DELAYED = P .. 'delayed'
+local K_EVENTS = P .. 'events'
+local GROUP = 'workers'
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function emit(kind, id, status, extra)
+  local args = {'XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, '*',
+                'event', kind, 'taskId', id, 'status', status}
+  if extra then for _, v in ipairs(extra) do table.insert(args, v) end end
+  redis.call(unpack(args))
+end
+
+-- Move a task between status indexes and write its status field.
+local function set_status(tkey, id, old, new)
+  local score = redis.call('HGET', tkey, 'displayId')
+  if old and old ~= new then redis.call('ZREM', k_status(old), id) end
+  redis.call('ZADD', k_status(new), score, id)
+  redis.call('HSET', tkey, 'status', new)
+end
+
+local function ensure_group(q)
+  if redis.call('EXISTS', q) == 0 then
+    redis.call('XGROUP', 'CREATE', q, GROUP, '0', 'MKSTREAM')
+  end
+end
+
+-- Append a QUEUED task to the stream of its (type, tier); returns the entry id.
+local function enqueue(id, tkey)
+  local t = redis.call('HMGET', tkey, 'taskType', 'tier')
+  local q = k_queue(t[1], t[2])
+  ensure_group(q)
+  local eid = redis.call('XADD', q, '*', 'id', id)
+  local seq = redis.call('HINCRBY', k_qstat(t[1], t[2]), 'enq', 1)
+  redis.call('HSET', tkey, 'streamId', eid, 'queueSeq', seq)
+  return eid
+end
+
+-- Put a PROCESSING task back into its queue (lost GPU, released claim, ...).
+local function requeue(id, tkey, now, count_retry)
+  local gpu = redis.call('HGET', tkey, 'gpuId')
+  if gpu and gpu ~= '' then redis.call('SREM', k_running(gpu), id) end
+  redis.call('ZREM', K_LEASES, id)
+  if count_retry then redis.call('HINCRBY', tkey, 'retryCount', 1) end
+  set_status(tkey, id, redis.call('HGET', tkey, 'status'), 'QUEUED')
+  redis.call('HSET', tkey, 'updatedAt', now, 'progress', 0, 'progressMessage', '')
+  enqueue(id, tkey)
+  emit('requeued', id, 'QUEUED')
+end

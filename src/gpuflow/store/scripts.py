@@ -1,0 +1,50 @@
+"""Lua scripts: every multi-key state change is one of these, run atomically by Redis.
+
+Each script file documents its ARGV contract and return value in its header. The shared
+prelude ``lua/lib.lua`` is prepended to each one; it takes the key prefix as ARGV[1] and the
+events MAXLEN as ARGV[2], so that scripts can name the keys a transition touches (queues,
+indexes) which are only known once the task hash has been read. That makes gpuflow
+unsuitable for Redis Cluster; it targets one primary (with replicas / Sentinel).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+SCRIPT_NAMES = (
+    "create_task",
+    "claim",
+    "finish_task",
+    "progress",
+    "start_task",
+    "requeue_task",
+    "promote_delayed",
+    "register_gpu",
+    "heartbeat_gpu",
+    "set_gpu_status",
+    "delete_gpu",
+)
+
+
+@cache
+def script_source(name: str) -> str:
+    lua = resources.files("gpuflow.store") / "lua"
+    return (lua / "lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+class Scripts:
+    """The registered scripts of one Redis client, called with the prefix filled in."""
+
+    def __init__(self, redis: Redis, prefix: str, events_maxlen: int) -> None:
+        self._head = [prefix, str(events_maxlen)]
+        self._scripts: dict[str, AsyncScript] = {
+            name: redis.register_script(script_source(name)) for name in SCRIPT_NAMES
+        }
+
+    async def call(self, name: str, *args: Any) -> Any:
+        return await self._scripts[name](keys=[], args=[*self._head, *args])

@@ -1,0 +1,91 @@
+"""How an agent talks to the system: directly through Redis, or only through the HTTP API.
+
+Both transports speak the same small protocol, so the agent never knows which one it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(slots=True)
+class NodeSpec:
+    """A GPU node as the agent registers it (one per GPU / simulated GPU)."""
+
+    gpu_id: str
+    supported_task_types: list[int]
+    supported_task_priority: str = "NORMAL"
+    max_concurrent_tasks: int = 1
+    hostname: str = ""
+    ip: str = ""
+    port: int | None = None
+    version: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ClaimedTask:
+    """A task started on a node: what the handler sees, plus the fencing ``attempt``."""
+
+    task_id: str
+    task_type: int
+    attempt: int
+    gpu_id: str
+    payload: str
+    priority: int = 0
+    display_id: int = 0
+    user_id: str | None = None
+    app: str | None = None
+    timeout_ms: int = 300_000
+    retry_count: int = 0
+    max_retries: int = 3
+
+    @classmethod
+    def from_view(cls, view: dict[str, Any]) -> ClaimedTask:
+        """From a TaskDO-shaped dict (the claim script's and the HTTP claim's output)."""
+        return cls(
+            task_id=view["taskId"],
+            task_type=int(view["taskType"]),
+            attempt=int(view["attempt"]),
+            gpu_id=view["gpuId"],
+            payload=view.get("payload") or "",
+            priority=int(view.get("priority") or 0),
+            display_id=int(view.get("displayId") or 0),
+            user_id=view.get("userId"),
+            app=view.get("app"),
+            timeout_ms=int(view.get("timeout") or 300_000),
+            retry_count=int(view.get("retryCount") or 0),
+            max_retries=int(view.get("maxRetries") or 0),
+        )
+
+
+class Transport(Protocol):
+    """What the agent needs from the system. Every report carries the attempt (fencing):
+    a report for an attempt that is no longer current raises :class:`StaleAttempt`."""
+
+    async def register(self, node: NodeSpec) -> None: ...
+
+    async def heartbeat(self, gpu_id: str) -> None: ...
+
+    async def claim(
+        self, gpu_id: str, wait_s: float, *, recover: bool = False
+    ) -> list[ClaimedTask]:
+        """Start up to the node's free capacity of tasks; wait up to ``wait_s`` if none."""
+        ...
+
+    async def progress(self, task: ClaimedTask, percent: int, message: str | None) -> None: ...
+
+    async def complete(self, task: ClaimedTask, result: str) -> None: ...
+
+    async def fail(self, task: ClaimedTask, error: str, *, retryable: bool = True) -> None: ...
+
+    async def release(self, task: ClaimedTask) -> None:
+        """Hand a started task back to its queue without counting a failure (shutdown)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class StaleAttempt(Exception):
+    """The system refused a report: the attempt was fenced off (409)."""

@@ -1,0 +1,111 @@
+"""Dispatch rules and fenced transitions, against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gpuflow.core.errors import Conflict, NotFound
+from gpuflow.core.gpus import GpuSpec
+from gpuflow.core.models import GpuStatus, TaskStatus, Tier
+from gpuflow.core.tasks import NewTask
+
+from .conftest import Services
+
+pytestmark = pytest.mark.redis
+
+
+async def test_vip_first_on_normal_node(services: Services) -> None:
+    s = services
+    await s.gpus.register(GpuSpec("g1", [1], max_concurrent_tasks=1))
+    normal = await s.tasks.create(NewTask(1, "n", priority=0))
+    vip = await s.tasks.create(NewTask(1, "v", priority=2))
+    first = await s.dispatch.claim("g1")
+    assert [t["taskId"] for t in first] == [vip["taskId"]]
+    assert await s.dispatch.claim("g1") == []  # at capacity
+    await s.tasks.finish(vip["taskId"], TaskStatus.COMPLETED, "ok", attempt=1)
+    second = await s.dispatch.claim("g1")
+    assert [t["taskId"] for t in second] == [normal["taskId"]]
+
+
+async def test_vip_node_takes_only_vip_and_only_its_types(services: Services) -> None:
+    s = services
+    await s.gpus.register(GpuSpec("v1", [1], supported_task_priority=Tier.VIP))
+    await s.tasks.create(NewTask(1, "n", priority=0))
+    await s.tasks.create(NewTask(2, "other type", priority=5))
+    assert await s.dispatch.claim("v1") == []
+    vip = await s.tasks.create(NewTask(1, "v", priority=3))
+    assert [t["taskId"] for t in await s.dispatch.claim("v1")] == [vip["taskId"]]
+
+
+async def test_faulty_node_takes_nothing_until_recovered(services: Services) -> None:
+    s = services
+    await s.gpus.register(GpuSpec("g1", [1]))
+    await s.tasks.create(NewTask(1, "x"))
+    await s.gpus.set_status("g1", GpuStatus.FAULTY, "fan")
+    assert await s.dispatch.claim("g1") == []
+    assert (await s.gpus.get("g1"))["status"] == "FAULTY"
+    await s.gpus.set_status("g1", GpuStatus.ACTIVE)
+    assert len(await s.dispatch.claim("g1")) == 1
+
+
+async def test_stale_attempt_is_refused(services: Services) -> None:
+    s = services
+    await s.gpus.register(GpuSpec("g1", [1]))
+    created = await s.tasks.create(NewTask(1, "x", max_retries=2))
+    task_id = created["taskId"]
+    (t,) = await s.dispatch.claim("g1")
+    assert t["attempt"] == 1
+    await s.tasks.requeue(task_id, attempt=1)
+    (t2,) = await s.dispatch.claim("g1")
+    assert t2["attempt"] == 2
+    with pytest.raises(Conflict, match="stale attempt"):
+        await s.tasks.finish(task_id, TaskStatus.COMPLETED, "late", attempt=1)
+    await s.tasks.finish(task_id, TaskStatus.COMPLETED, "right", attempt=2)
+    with pytest.raises(Conflict):
+        await s.tasks.finish(task_id, TaskStatus.COMPLETED, "dup", attempt=2)
+    assert (await s.tasks.get(task_id))["result"] == "right"
+
+
+async def test_blocked_claim_wakes_on_new_task(services: Services) -> None:
+    s = services
+    await s.gpus.register(GpuSpec("g1", [7]))
+    waiter = asyncio.create_task(s.dispatch.claim("g1", wait_s=10))
+    await asyncio.sleep(0.2)
+    assert not waiter.done()
+    created = await s.tasks.create(NewTask(7, "wake"))
+    got = await asyncio.wait_for(waiter, 5)
+    assert [t["taskId"] for t in got] == [created["taskId"]]
+
+
+async def test_one_new_task_wakes_one_of_many_idle_nodes(services: Services) -> None:
+    s = services
+    for i in range(4):
+        await s.gpus.register(GpuSpec(f"g{i}", [8]))
+    waiters = [asyncio.create_task(s.dispatch.claim(f"g{i}", wait_s=1.5)) for i in range(4)]
+    await asyncio.sleep(0.2)
+    await s.tasks.create(NewTask(8, "one"))
+    results = await asyncio.gather(*waiters)
+    assert sorted(len(r) for r in results) == [0, 0, 0, 1]
+
+
+async def test_failure_retries_then_fails(services: Services) -> None:
+    s = services
+    await s.gpus.register(GpuSpec("g1", [1]))
+    task_id = (await s.tasks.create(NewTask(1, "x", max_retries=1)))["taskId"]
+    assert len(await s.dispatch.claim("g1")) == 1
+    assert await s.tasks.finish(task_id, TaskStatus.FAILED, "e1", attempt=1) == TaskStatus.QUEUED
+    assert len(await s.dispatch.claim("g1")) == 1
+    assert await s.tasks.finish(task_id, TaskStatus.FAILED, "e2", attempt=2) == TaskStatus.FAILED
+    view = await s.tasks.get(task_id)
+    assert (view["status"], view["retryCount"], view["errorMessage"]) == ("FAILED", 1, "e2")
+
+
+async def test_unknown_ids(services: Services) -> None:
+    with pytest.raises(NotFound):
+        await services.tasks.get("task_nope")
+    with pytest.raises(NotFound):
+        await services.gpus.heartbeat("nope")
+    with pytest.raises(NotFound):
+        await services.dispatch.claim("nope")
