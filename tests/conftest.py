@@ -22,6 +22,8 @@ from gpuflow.core.tasks import Tasks
 from gpuflow.store import Store
 from gpuflow.store.embedded import EmbeddedRedis
 
+from .servers import ApiServer, start_api
+
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -81,3 +83,13 @@ async def services(store: Store) -> AsyncIterator[Services]:
         yield Services(store, gpus, Tasks(store, gpus), Dispatcher(store, gpus, blocking))
     finally:
         await blocking.aclose()
+
+
+@pytest.fixture
+def api_server(redis_url: str, settings: Settings, store: Store) -> Iterator[ApiServer]:
+    """A real API (uvicorn on 127.0.0.1) over the test's namespace; admin key in .admin_key."""
+    server = start_api(settings, redis_url)
+    try:
+        yield server
+    finally:
+        server.stop()

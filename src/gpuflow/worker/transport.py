@@ -22,6 +22,8 @@ class NodeSpec:
     port: int | None = None
     version: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: Device index the node's executors are pinned to (``CUDA_VISIBLE_DEVICES``); local only.
+    gpu_index: int | None = None
 
 
 @dataclass(slots=True)
@@ -84,8 +86,27 @@ class Transport(Protocol):
         """Hand a started task back to its queue without counting a failure (shutdown)."""
         ...
 
+    async def time_out(self, task: ClaimedTask, error: str) -> None:
+        """Record that the attempt ran past the task's timeout (retried while retries last)."""
+        ...
+
     async def close(self) -> None: ...
 
 
 class StaleAttempt(Exception):
     """The system refused a report: the attempt was fenced off (409)."""
+
+
+class TransportError(Exception):
+    """The system could not be reached (connection refused or dropped, timeout, 5xx).
+
+    Heartbeat and claim are retried with backoff; reports are retried a few times, which is
+    safe because each carries the attempt: a repeated report lands once or gets a 409."""
+
+
+class TransportRejected(Exception):
+    """The system refused a request for a reason a retry does not fix (401, 403, 422 ...)."""
+
+
+class NodeUnknown(Exception):
+    """The node is not registered (deleted by an operator, or a fresh store): register again."""

@@ -1,0 +1,5 @@
+"""``python -m gpuflow`` runs the CLI."""
+
+from gpuflow.cli import main
+
+main()

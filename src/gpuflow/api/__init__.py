@@ -1,0 +1,1 @@
+"""The HTTP API: FastAPI app, envelope, auth, one router module per resource."""

@@ -1,0 +1,62 @@
+"""The FastAPI application factory: routers, envelope handlers, lifespan resources."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from gpuflow import __version__
+from gpuflow.api import routes_admin, routes_gpus, routes_tasks
+from gpuflow.api.envelope import error, install_error_handlers
+from gpuflow.config import Settings
+from gpuflow.core.loops import promote_retries
+from gpuflow.core.system import System
+
+DESCRIPTION = """
+gpuflow's HTTP API. Every response is the envelope `{code, message, data}` with `code` equal
+to the HTTP status. Authenticate with `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+Timestamps are epoch milliseconds.
+"""
+
+
+def create_app(settings: Settings, redis_url: str, *, background: bool = True) -> FastAPI:
+    """An app bound to one Redis; ``background`` runs the maintenance loops in-process."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        system = System.connect(redis_url, settings)
+        app.state.system = system
+        stop = asyncio.Event()
+        loops = [asyncio.create_task(promote_retries(system, stop))] if background else []
+        try:
+            yield
+        finally:
+            stop.set()
+            await asyncio.gather(*loops, return_exceptions=True)
+            await system.close()
+
+    app = FastAPI(
+        title="gpuflow",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    limit = settings.max_payload_bytes * 2 + 65_536
+
+    @app.middleware("http")
+    async def body_limit(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            return error(413, f"request body over {limit} bytes")
+        return await call_next(request)
+
+    for module in (routes_tasks, routes_gpus, routes_admin):
+        app.include_router(module.router)
+    return app

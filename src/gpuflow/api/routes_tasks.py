@@ -1,0 +1,157 @@
+"""/api/v2/tasks: create, list, read, and the worker-side reports."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from starlette.responses import Response
+
+from gpuflow.api.deps import Reader, Submitter, SystemDep, WorkerRole, check_task_access
+from gpuflow.api.envelope import ERROR_RESPONSES, Envelope, envelope
+from gpuflow.api.schemas import (
+    TaskCreate,
+    TaskCreated,
+    TaskOut,
+    TaskProgressOut,
+    TaskProgressUpdate,
+    TaskResultOut,
+    TaskResultUpdate,
+    TaskStatusUpdate,
+)
+from gpuflow.core.apikeys import Role
+from gpuflow.core.errors import Forbidden, InvalidInput
+from gpuflow.core.models import TaskStatus
+from gpuflow.core.tasks import NewTask, result_text
+
+router = APIRouter(prefix="/api/v2/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
+TaskId = Annotated[str, "task id"]
+
+
+@router.post("", response_model=Envelope[TaskCreated], summary="Create a task")
+async def create_task(body: TaskCreate, system: SystemDep, who: Submitter) -> Response:
+    """Queue a task. A `client` key creates tasks for its own user only."""
+    user_id = body.userId
+    if who.role is Role.CLIENT:
+        if user_id is not None and user_id != who.user_id:
+            raise Forbidden(f"a client key of user {who.user_id} cannot create tasks for {user_id}")
+        user_id = who.user_id
+    payload = "" if body.payload is None else result_text(body.payload)
+    created = await system.tasks.create(
+        NewTask(
+            task_type=body.taskType,
+            payload=payload,
+            user_id=user_id,
+            app=body.app,
+            priority=body.priority,
+            env=body.env,
+            max_retries=body.maxRetries,
+            timeout=body.timeout,
+        )
+    )
+    return envelope(created)
+
+
+@router.get("", response_model=Envelope[list[TaskOut]], summary="List tasks, newest first")
+async def list_tasks(
+    system: SystemDep,
+    who: Reader,
+    status: TaskStatus | None = None,
+    taskType: Annotated[int | None, Query(ge=0)] = None,
+    gpuId: Annotated[str | None, Query(max_length=128)] = None,
+    userId: Annotated[str | None, Query(max_length=128)] = None,
+    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+    size: Annotated[int, Query(ge=1, le=200)] = 20,
+) -> Response:
+    """The total number of matches is in the `X-Total-Count` header. A `client` key
+    lists only its own user's tasks."""
+    if who.role is Role.CLIENT:
+        if userId is not None and userId != who.user_id:
+            raise Forbidden("a client key lists only its own user's tasks")
+        userId = who.user_id
+    items, total = await system.tasks.list(
+        status=status, task_type=taskType, gpu_id=gpuId, user_id=userId, page=page, size=size
+    )
+    resp = envelope(items)
+    resp.headers["X-Total-Count"] = str(total)
+    return resp
+
+
+@router.get("/{taskId}", response_model=Envelope[TaskOut], summary="Task detail")
+async def get_task(taskId: TaskId, system: SystemDep, who: Reader) -> Response:
+    await check_task_access(system, who, taskId)
+    return envelope(await system.tasks.get(taskId))
+
+
+@router.get("/{taskId}/progress", response_model=Envelope[TaskProgressOut], summary="Progress")
+async def get_progress(taskId: TaskId, system: SystemDep, who: Reader) -> Response:
+    await check_task_access(system, who, taskId)
+    return envelope(await system.tasks.progress_view(taskId))
+
+
+@router.get("/{taskId}/result", response_model=Envelope[TaskResultOut], summary="Result")
+async def get_result(taskId: TaskId, system: SystemDep, who: Reader) -> Response:
+    await check_task_access(system, who, taskId)
+    return envelope(await system.tasks.result_view(taskId))
+
+
+@router.post("/{taskId}/result", response_model=Envelope[str], summary="Report a result")
+async def post_result(
+    taskId: TaskId, body: TaskResultUpdate, system: SystemDep, _: WorkerRole
+) -> Response:
+    """Completes the task's current attempt with this result (409 if it is not running,
+    or if `attempt` / `gpuId` name an attempt that is no longer current)."""
+    await system.tasks.finish(
+        taskId,
+        TaskStatus.COMPLETED,
+        result_text(body.result),
+        gpu_id=body.gpuId,
+        attempt=body.attempt,
+    )
+    return envelope("task result updated")
+
+
+@router.post("/{taskId}/progress", response_model=Envelope[str], summary="Report progress")
+async def post_progress(
+    taskId: TaskId, body: TaskProgressUpdate, system: SystemDep, _: WorkerRole
+) -> Response:
+    """Records progress (0-100) and renews the attempt's lease."""
+    await system.tasks.report_progress(
+        taskId, body.progress, body.message, gpu_id=body.gpuId, attempt=body.attempt
+    )
+    return envelope("task progress updated")
+
+
+@router.post("/{taskId}/status", response_model=Envelope[str], summary="Report a status")
+async def post_status(
+    taskId: TaskId, body: TaskStatusUpdate, system: SystemDep, _: WorkerRole
+) -> Response:
+    """PROCESSING starts a QUEUED task on `gpuId` (push style); COMPLETED / FAILED / TIMEOUT
+    end the current attempt (a retryable failure with retries left goes back to QUEUED);
+    QUEUED hands the task back without counting a failure."""
+    await _apply_status(system, taskId, body)
+    return envelope("task status updated")
+
+
+async def _apply_status(system: Any, task_id: str, body: TaskStatusUpdate) -> None:
+    tasks = system.tasks
+    if body.status == "PROCESSING":
+        if not body.gpuId:
+            raise InvalidInput("gpuId: required when status is PROCESSING")
+        await tasks.start(task_id, body.gpuId, body.message)
+    elif body.status == "QUEUED":
+        await tasks.requeue(task_id, body.attempt)
+    elif body.status == "COMPLETED":
+        text = result_text(body.result) if body.result is not None else (body.message or "")
+        await tasks.finish(
+            task_id, TaskStatus.COMPLETED, text, gpu_id=body.gpuId, attempt=body.attempt
+        )
+    else:
+        await tasks.finish(
+            task_id,
+            TaskStatus(body.status),
+            body.message or f"task reported {body.status}",
+            gpu_id=body.gpuId,
+            attempt=body.attempt,
+            retryable=body.retryable,
+        )

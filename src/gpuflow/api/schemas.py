@@ -1,0 +1,175 @@
+"""Request and response models: the seed's camelCase shapes, strict on input."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Strict
+
+from gpuflow.core.apikeys import Role
+from gpuflow.core.models import TaskStatus, Tier
+
+JsonValue = dict[str, Any] | list[Any] | str | int | float | bool | None
+# Strict scalars: a wrongly typed JSON field ("2" for 2, 1 for true) is refused, not coerced.
+SInt = Annotated[int, Strict()]
+SStr = Annotated[str, Strict()]
+SBool = Annotated[bool, Strict()]
+
+
+class Input(BaseModel):
+    """Input models: unknown fields are ignored, scalars are strict."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class TaskCreate(Input):
+    taskType: SInt = Field(ge=0, le=1_000_000, description="Task type code.")
+    userId: SStr | None = Field(default=None, max_length=128)
+    app: SStr | None = Field(default=None, max_length=128)
+    priority: SInt = Field(default=0, ge=0, le=100, description=">= vipPriority (2) goes VIP.")
+    payload: JsonValue = Field(
+        default="", description="A string (kept as is) or any JSON value (stored as JSON text)."
+    )
+    env: SStr | None = Field(default=None, max_length=64)
+    maxRetries: SInt | None = Field(default=None, ge=0, le=100)
+    timeout: SInt | None = Field(default=None, ge=1000, le=86_400_000, description="ms")
+
+
+class TaskCreated(BaseModel):
+    taskId: str
+    displayId: int
+    status: TaskStatus
+    estimatedWaitTime: int = Field(description="Seconds; -1 when no active GPU serves the type.")
+
+
+class TaskOut(BaseModel):
+    """The seed's TaskDO, plus tier, attempt (fencing token) and progress."""
+
+    taskId: str
+    displayId: int
+    taskType: int
+    status: TaskStatus
+    userId: str | None
+    app: str | None
+    priority: int
+    gpuId: str | None
+    payload: str | None
+    result: str | None
+    errorMessage: str | None
+    retryCount: int
+    maxRetries: int
+    timeout: int
+    estimatedWaitTime: int | None
+    createdAt: int
+    startedAt: int | None
+    completedAt: int | None
+    updatedAt: int
+    env: str | None = None
+    tier: Tier | None = None
+    attempt: int = 0
+    progress: int = 0
+    progressMessage: str | None = None
+
+
+class TaskProgressOut(BaseModel):
+    taskId: str
+    status: TaskStatus
+    progress: int
+    message: str | None
+    estimatedRemainingTime: int
+    gpuId: str | None
+    startTime: int | None
+    updateTime: int
+    queuePosition: int = Field(description="1-based place in line while QUEUED, else 0.")
+
+
+class TaskResultOut(BaseModel):
+    taskId: str
+    status: TaskStatus
+    result: JsonValue = Field(description="Parsed JSON when the stored result is JSON.")
+    errorMessage: str | None
+    gpuId: str | None
+    completedAt: int | None
+
+
+class Report(Input):
+    """Fields every worker report may carry; ``attempt`` fences off stale attempts."""
+
+    gpuId: SStr | None = Field(default=None, max_length=128)
+    attempt: SInt | None = Field(default=None, ge=1)
+
+
+class TaskStatusUpdate(Report):
+    status: Literal["PROCESSING", "COMPLETED", "FAILED", "TIMEOUT", "QUEUED"] = Field(
+        description="QUEUED hands the task back without counting a failure."
+    )
+    message: SStr | None = Field(default=None, description="Error text for FAILED / TIMEOUT.")
+    retryable: SBool = True
+    result: JsonValue = None
+
+
+class TaskResultUpdate(Report):
+    result: JsonValue = Field(description="A string (kept as is) or JSON (stored as JSON).")
+
+
+class TaskProgressUpdate(Report):
+    progress: SInt = Field(ge=0, le=100)
+    message: SStr | None = Field(default=None, max_length=1000)
+
+
+class GpuRegister(Input):
+    gpuId: SStr = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")
+    hostname: SStr = Field(default="", max_length=255)
+    vastInsId: SStr = Field(default="", max_length=128)
+    ip: SStr = Field(default="", max_length=64)
+    port: SInt | None = Field(default=None, ge=0, le=65535)
+    supportedTaskTypes: list[Annotated[int, Strict(), Field(ge=0, le=1_000_000)]] = Field(
+        min_length=1, max_length=256
+    )
+    supportedTaskPriority: Tier = Tier.NORMAL
+    version: SStr = Field(default="", max_length=64)
+    maxConcurrentTasks: SInt = Field(default=1, ge=1, le=1024)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class GpuOut(BaseModel):
+    """The seed's GpuNodeInfo, plus faultReason and registeredAt."""
+
+    gpuId: str
+    hostname: str | None
+    vastInsId: str | None
+    ip: str | None
+    port: int | None
+    supportedTaskTypes: list[int]
+    supportedTaskPriority: Tier
+    status: str
+    lastHeartbeat: int | None
+    failureCount: int | None
+    taskFailureCount: int | None
+    version: str | None
+    currentTasks: int
+    maxConcurrentTasks: int
+    metadata: dict[str, Any]
+    faultReason: str | None = None
+    registeredAt: int | None = None
+
+
+class KeyCreate(Input):
+    role: Role
+    userId: SStr | None = Field(default=None, max_length=128)
+    name: SStr | None = Field(default=None, max_length=128)
+
+
+class KeyOut(BaseModel):
+    keyId: str
+    role: Role
+    userId: str | None
+    name: str | None
+    createdAt: int
+    key: str | None = Field(default=None, description="Shown once, at creation.")
+
+
+class HealthOut(BaseModel):
+    status: Literal["UP", "DOWN"]
+    redis: Literal["UP", "DOWN"]
+    version: str
