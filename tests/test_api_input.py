@@ -119,7 +119,6 @@ async def test_every_write_endpoint_has_a_bad_input_case(api_server: ApiServer) 
         if m in ("post", "put", "patch", "delete")
     }
 
-
     def pattern(path: str) -> str:
         return re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(path))
 
