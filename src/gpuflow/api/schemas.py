@@ -4,14 +4,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
 from gpuflow.core.apikeys import Role
 from gpuflow.core.models import TaskStatus, Tier
 
 JsonValue = dict[str, Any] | list[Any] | str | int | float | bool | None
+
+
+def _json_integer(value: Any) -> Any:
+    """JSON Schema's integer: 2 and 2.0, never "2" or true."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("Input should be a valid integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("Input should be a valid integer, got a fraction")
+        return int(value)
+    return value
+
+
 # Strict scalars: a wrongly typed JSON field ("2" for 2, 1 for true) is refused, not coerced.
-SInt = Annotated[int, Strict()]
+INTEGER = BeforeValidator(_json_integer)
+SInt = Annotated[int, INTEGER]  # constraints go before INTEGER: Annotated[int, Field(..), INTEGER]
 SStr = Annotated[str, Strict()]
 SBool = Annotated[bool, Strict()]
 
@@ -31,8 +45,10 @@ class TaskCreate(Input):
         default="", description="A string (kept as is) or any JSON value (stored as JSON text)."
     )
     env: SStr | None = Field(default=None, max_length=64)
-    maxRetries: SInt | None = Field(default=None, ge=0, le=100)
-    timeout: SInt | None = Field(default=None, ge=1000, le=86_400_000, description="ms")
+    maxRetries: Annotated[int, Field(ge=0, le=100), INTEGER] | None = None
+    timeout: Annotated[int, Field(ge=1000, le=86_400_000), INTEGER] | None = Field(
+        default=None, description="ms"
+    )
 
 
 class TaskCreated(BaseModel):
@@ -96,7 +112,7 @@ class Report(Input):
     """Fields every worker report may carry; ``attempt`` fences off stale attempts."""
 
     gpuId: SStr | None = Field(default=None, max_length=128)
-    attempt: SInt | None = Field(default=None, ge=1)
+    attempt: Annotated[int, Field(ge=1), INTEGER] | None = None
 
 
 class TaskStatusUpdate(Report):
@@ -122,8 +138,8 @@ class GpuRegister(Input):
     hostname: SStr = Field(default="", max_length=255)
     vastInsId: SStr = Field(default="", max_length=128)
     ip: SStr = Field(default="", max_length=64)
-    port: SInt | None = Field(default=None, ge=0, le=65535)
-    supportedTaskTypes: list[Annotated[int, Strict(), Field(ge=0, le=1_000_000)]] = Field(
+    port: Annotated[int, Field(ge=0, le=65535), INTEGER] | None = None
+    supportedTaskTypes: list[Annotated[int, Field(ge=0, le=1_000_000), INTEGER]] = Field(
         min_length=1, max_length=256
     )
     supportedTaskPriority: Tier = Tier.NORMAL
