@@ -23,12 +23,12 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path(".gpuflow"), description="Embedded Redis data and keys.")
     namespace: str = Field(default="gf:", description="Prefix of every Redis key.")
     admin_key: str | None = Field(default=None, description="Admin API key (else generated).")
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field(default="127.0.0.1", description="API listen address (`up`, `api`).")
+    port: int = Field(default=8000, description="API port.")
     vip_priority: int = Field(default=2, description="Tasks with priority >= this go to VIP.")
     max_payload_bytes: int = Field(default=1_048_576, description="Largest payload / result.")
-    default_timeout_ms: int = 300_000
-    default_max_retries: int = 3
+    default_timeout_ms: int = Field(default=300_000, description="Task `timeout` when unset.")
+    default_max_retries: int = Field(default=3, description="Task `maxRetries` when unset.")
     default_processing_ms: int = Field(
         default=60_000, description="Processing time assumed before a task type has samples."
     )
@@ -37,12 +37,12 @@ class Settings(BaseSettings):
     gpu_fault_threshold: int = Field(
         default=5, description="Consecutive task failures that make a GPU FAULTY (0 = never)."
     )
-    lease_ms: int = Field(default=60_000, description="Lease of a PROCESSING task.")
-    heartbeat_interval_s: float = 5.0
-    gpu_offline_after_s: float = Field(default=30.0, description="Silence before OFFLINE.")
+    lease_ms: int = Field(
+        default=60_000, description="Lease of a PROCESSING task, renewed by heartbeats."
+    )
+    heartbeat_interval_s: float = Field(default=5.0, description="Worker heartbeat period.")
     claim_wait_max_s: float = Field(default=60.0, description="Longest claim long-poll.")
-    metrics_public: bool = Field(default=True, description="Serve /metrics without a key.")
-    events_maxlen: int = 10_000
+    events_maxlen: int = Field(default=10_000, description="Length cap of the events stream.")
 
 
 @lru_cache(maxsize=1)

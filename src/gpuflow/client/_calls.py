@@ -1,0 +1,317 @@
+"""The client's sans-I/O core, shared by ``Client`` and ``AsyncClient``.
+
+Every API call is a :class:`Call`: what to send (method, path, query, JSON body) and how to
+read the answer (``decode``, which unwraps the ``{code, message, data}`` envelope or raises
+the matching error). The two clients only move bytes: they send a ``Call`` with httpx, retry
+it on a connection failure if it is idempotent, and hand the response to ``decode``. The
+pacing of ``wait`` / ``follow`` (deadline, poll interval, which progress is new) lives in
+:class:`Poll`, so that the sync and async loops are a few lines each.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from gpuflow import __version__
+from gpuflow.client._exceptions import (
+    GpuflowError,
+    TransportError,
+    ValidationError,
+    WaitTimeout,
+    error_for,
+)
+from gpuflow.client._types import (
+    ApiKey,
+    Gpu,
+    Health,
+    NewApiKey,
+    Task,
+    TaskCreated,
+    TaskPage,
+    TaskProgress,
+    TaskResult,
+)
+from gpuflow.core.models import TERMINAL_STATUSES
+
+T = TypeVar("T")
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_RETRIES = 2
+RETRY_BACKOFF_S = 0.1
+# Only these methods are ever sent twice: a POST that may have reached the server is not.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Failures after which an idempotent call is tried again (not read timeouts: a slow server
+# would only be asked the same question again).
+RETRYABLE_ERRORS = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.RemoteProtocolError,
+    httpx.ReadError,
+    httpx.WriteError,
+)
+
+Params = dict[str, str | int]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Where and how to connect, resolved once from arguments and the environment."""
+
+    base_url: str
+    headers: dict[str, str]
+    timeout: float
+    retries: int
+
+    @classmethod
+    def resolve(
+        cls, base_url: str | None, api_key: str | None, timeout: float, retries: int
+    ) -> Config:
+        """``base_url`` defaults to $GPUFLOW_API_URL, ``api_key`` to $GPUFLOW_API_KEY."""
+        url = (base_url or os.environ.get("GPUFLOW_API_URL") or DEFAULT_API_URL).rstrip("/")
+        try:
+            scheme = httpx.URL(url).scheme
+        except httpx.InvalidURL as exc:
+            raise ValidationError(f"invalid API URL {url!r}: {exc}") from exc
+        if scheme not in ("http", "https"):
+            raise ValidationError(f"invalid API URL {url!r}: use http:// or https://")
+        key = api_key if api_key is not None else os.environ.get("GPUFLOW_API_KEY")
+        headers = {"User-Agent": f"gpuflow-client/{__version__}", "Accept": "application/json"}
+        if key:
+            headers["X-API-Key"] = key
+        return cls(url, headers, timeout, max(retries, 0))
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One request to the API and the decoder of its answer."""
+
+    method: str
+    path: str
+    decode: Callable[[httpx.Response], T]
+    params: Params | None = None
+    body: Any = None
+
+    @property
+    def idempotent(self) -> bool:
+        return self.method in IDEMPOTENT_METHODS
+
+    def retry_delays(self, retries: int) -> Iterator[float]:
+        """Pauses before each retry: none for a call that must not be sent twice."""
+        count = retries if self.idempotent else 0
+        return iter([RETRY_BACKOFF_S * 2**i for i in range(count)])
+
+
+# --- answers ----------------------------------------------------------------------------
+
+
+def _body(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _message(body: Any, response: httpx.Response) -> str:
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])
+    snippet = response.text.strip()[:200] or response.reason_phrase
+    return f"HTTP {response.status_code} from {response.url}: {snippet}"
+
+
+def data(response: httpx.Response) -> Any:
+    """The envelope's ``data``; the matching :class:`GpuflowError` for an error status."""
+    body = _body(response)
+    if response.is_error:
+        raise error_for(response.status_code, _message(body, response))
+    if not isinstance(body, dict) or "data" not in body:
+        raise GpuflowError(
+            f"not a gpuflow answer: {_message(None, response)}", response.status_code
+        )
+    return body["data"]
+
+
+def _page(response: httpx.Response) -> TaskPage:
+    items = data(response)
+    total = response.headers.get("X-Total-Count", "")
+    return TaskPage(items, int(total) if total.isdigit() else len(items))
+
+
+def _health(response: httpx.Response) -> Health:
+    """``/health`` answers 503 with a full body when Redis is down: return it, not raise."""
+    body = _body(response)
+    if response.status_code == 503 and isinstance(body, dict) and body.get("data"):
+        health: Health = body["data"]
+        return health
+    result: Health = data(response)
+    return result
+
+
+# --- requests ---------------------------------------------------------------------------
+
+
+def _seg(what: str, value: str | int) -> str:
+    text = str(value)
+    if not text:
+        raise ValidationError(f"{what} must not be empty")
+    return quote(text, safe="")
+
+
+def _compact(**fields: Any) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def raw(method: str, path: str, params: Params | None = None, body: Any = None) -> Call[Any]:
+    return Call(method.upper(), path, data, params, body)
+
+
+def create_task(
+    task_type: int,
+    payload: Any = None,
+    *,
+    priority: int = 0,
+    user_id: str | None = None,
+    app: str | None = None,
+    env: str | None = None,
+    max_retries: int | None = None,
+    timeout_ms: int | None = None,
+) -> Call[TaskCreated]:
+    body = _compact(
+        taskType=task_type,
+        payload=payload,
+        priority=priority,
+        userId=user_id,
+        app=app,
+        env=env,
+        maxRetries=max_retries,
+        timeout=timeout_ms,
+    )
+    return Call("POST", "/api/v2/tasks", data, body=body)
+
+
+def list_tasks(
+    status: str | None = None,
+    task_type: int | None = None,
+    gpu_id: str | None = None,
+    user_id: str | None = None,
+    page: int = 1,
+    size: int = 20,
+) -> Call[TaskPage]:
+    params = _compact(
+        status=status, taskType=task_type, gpuId=gpu_id, userId=user_id, page=page, size=size
+    )
+    return Call("GET", "/api/v2/tasks", _page, params)
+
+
+def get_task(task_id: str) -> Call[Task]:
+    return Call("GET", f"/api/v2/tasks/{_seg('task_id', task_id)}", data)
+
+
+def get_progress(task_id: str) -> Call[TaskProgress]:
+    return Call("GET", f"/api/v2/tasks/{_seg('task_id', task_id)}/progress", data)
+
+
+def get_result(task_id: str) -> Call[TaskResult]:
+    return Call("GET", f"/api/v2/tasks/{_seg('task_id', task_id)}/result", data)
+
+
+def list_gpus() -> Call[list[Gpu]]:
+    return Call("GET", "/api/v2/gpus", data)
+
+
+def get_gpu(gpu_id: str) -> Call[Gpu]:
+    return Call("GET", f"/api/v2/gpus/{_seg('gpu_id', gpu_id)}", data)
+
+
+def gpus_by_task_type(task_type: int, priority: str | None = None) -> Call[list[Gpu]]:
+    path = f"/api/v2/gpus/by-task-type/{_seg('task_type', task_type)}"
+    return Call("GET", path, data, _compact(priority=priority))
+
+
+def fault_gpu(gpu_id: str, reason: str = "") -> Call[str]:
+    path = f"/api/v2/gpus/{_seg('gpu_id', gpu_id)}/fault"
+    return Call("POST", path, data, {"reason": reason} if reason else None)
+
+
+def recover_gpu(gpu_id: str) -> Call[str]:
+    return Call("POST", f"/api/v2/gpus/{_seg('gpu_id', gpu_id)}/recover", data)
+
+
+def delete_gpu(gpu_id: str) -> Call[str]:
+    return Call("DELETE", f"/api/v2/gpus/{_seg('gpu_id', gpu_id)}", data)
+
+
+def create_key(role: str, user_id: str | None = None, name: str | None = None) -> Call[NewApiKey]:
+    return Call("POST", "/api/v2/keys", data, body=_compact(role=role, userId=user_id, name=name))
+
+
+def list_keys() -> Call[list[ApiKey]]:
+    return Call("GET", "/api/v2/keys", data)
+
+
+def health() -> Call[Health]:
+    return Call("GET", "/health", _health)
+
+
+# --- transport helpers ------------------------------------------------------------------
+
+
+def retry_after(exc: httpx.TransportError, delays: Iterator[float], base_url: str) -> float:
+    """The pause before trying a call again after ``exc``; raises TransportError when the
+    call may not, or may no longer, be retried."""
+    delay = next(delays, None) if isinstance(exc, RETRYABLE_ERRORS) else None
+    if delay is None:
+        detail = str(exc) or type(exc).__name__
+        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+            raise TransportError(f"no answer from gpuflow at {base_url}: {detail}") from exc
+        raise TransportError(f"cannot reach gpuflow at {base_url}: {detail}") from exc
+    return delay
+
+
+def is_final(status: str) -> bool:
+    return status in TERMINAL_STATUSES
+
+
+class Poll:
+    """The pacing of a polling loop: deadline, interval, and which progress is news."""
+
+    def __init__(
+        self,
+        what: str,
+        timeout: float | None,
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError("poll_interval must be > 0")
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be >= 0")
+        self._what = what
+        self._timeout = timeout
+        self._interval = interval
+        self._clock = clock
+        self._deadline = None if timeout is None else clock() + timeout
+        self._last: tuple[str, int, str | None] | None = None
+
+    def delay(self, status: str) -> float:
+        """Seconds to sleep before the next poll; WaitTimeout once the deadline is past."""
+        if self._deadline is None:
+            return self._interval
+        left = self._deadline - self._clock()
+        if left <= 0:
+            raise WaitTimeout(f"{self._what} is still {status} after {self._timeout:g} s")
+        return min(self._interval, left)
+
+    def is_news(self, progress: TaskProgress) -> bool:
+        """True when status, percentage or message changed since the last one reported."""
+        key = (progress["status"], progress["progress"], progress["message"])
+        news = key != self._last
+        self._last = key
+        return news

@@ -1,0 +1,94 @@
+"""The asyncio client against a real API server (the sync client drives the fake node)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from gpuflow.client import (
+    AsyncClient,
+    AuthError,
+    Client,
+    ConflictError,
+    NotFoundError,
+    TransportError,
+    ValidationError,
+)
+
+from .servers import ApiServer
+from .test_client_support import Node, closed_port_url
+
+
+@pytest.fixture
+async def gf(api_server: ApiServer) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(api_server.url, api_server.admin_key) as client:
+        yield client
+
+
+@pytest.fixture
+def node(api_server: ApiServer) -> Iterator[Node]:
+    with Client(api_server.url, api_server.admin_key) as admin:
+        yield Node(admin)
+
+
+async def test_tasks_from_create_to_result(gf: AsyncClient, node: Node) -> None:
+    assert (await gf.health())["status"] == "UP"
+    created = await gf.create_task(1, {"k": "v"}, priority=2, user_id="u1", app="a")
+    task_id = created["taskId"]
+    assert (await gf.get_task(task_id))["tier"] == "VIP"
+    assert [t["taskId"] for t in await gf.list_tasks(user_id="u1")] == [task_id]
+    assert (await gf.list_tasks_page(task_type=1)).total == 1
+    seen: list[tuple[str, int]] = []
+    attempt = 0
+    async with asyncio.timeout(20):
+        async for p in gf.follow(task_id, poll_interval=0.01):
+            seen.append((p["status"], p["progress"]))
+            if p["status"] == "QUEUED":
+                attempt = node.claim()[1]
+            elif p["progress"] == 0:
+                node.progress(task_id, attempt, 40)
+            elif p["progress"] == 40:
+                node.complete(task_id, attempt, "done")
+    assert seen == [("QUEUED", 0), ("PROCESSING", 0), ("PROCESSING", 40), ("COMPLETED", 100)]
+    async with asyncio.timeout(5):
+        assert (await gf.wait(task_id, poll_interval=0.01))["status"] == "COMPLETED"
+    assert (await gf.get_progress(task_id))["progress"] == 100
+    assert (await gf.get_result(task_id))["result"] == "done"
+
+
+async def test_wait_is_bounded_by_asyncio_timeout(gf: AsyncClient) -> None:
+    task_id = (await gf.create_task(1))["taskId"]
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await gf.wait(task_id, poll_interval=0.01)
+
+
+async def test_gpus_and_keys(gf: AsyncClient, node: Node) -> None:
+    assert [g["gpuId"] for g in await gf.list_gpus()] == [node.gpu_id]
+    assert [g["gpuId"] for g in await gf.gpus_by_task_type(1, "VIP")] == [node.gpu_id]
+    assert "FAULTY" in await gf.fault_gpu(node.gpu_id, "hot")
+    assert (await gf.get_gpu(node.gpu_id))["faultReason"] == "hot"
+    assert "recovered" in await gf.recover_gpu(node.gpu_id)
+    assert "unregistered" in await gf.delete_gpu(node.gpu_id)
+    key = await gf.create_key("viewer", name="dash")
+    assert [k["keyId"] for k in await gf.list_keys()] == [key["keyId"]]
+
+
+async def test_errors_map_to_the_same_classes(gf: AsyncClient, api_server: ApiServer) -> None:
+    with pytest.raises(NotFoundError):
+        await gf.get_task("task_nope")
+    with pytest.raises(NotFoundError):
+        await gf.delete_gpu("nope")
+    with pytest.raises(ValidationError):
+        await gf.create_task(-1)
+    task_id = (await gf.create_task(1))["taskId"]
+    with pytest.raises(ConflictError):
+        await gf.request("POST", f"/api/v2/tasks/{task_id}/progress", json={"progress": 5})
+    async with AsyncClient(api_server.url, "wrong") as stranger:
+        with pytest.raises(AuthError):
+            await stranger.list_tasks()
+    async with AsyncClient(closed_port_url(), "k", retries=0) as nowhere:
+        with pytest.raises(TransportError, match="cannot reach gpuflow"):
+            await nowhere.health()
