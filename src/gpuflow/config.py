@@ -40,6 +40,18 @@ class Settings(BaseSettings):
     lease_ms: int = Field(
         default=60_000, description="Lease of a PROCESSING task, renewed by heartbeats."
     )
+    gpu_offline_after_s: float = Field(
+        default=30.0, description="Heartbeat silence after which a GPU becomes OFFLINE."
+    )
+    leader_lease_ms: int = Field(
+        default=10_000, description="Leader lease; a new leader takes over within 2 of these."
+    )
+    maintenance_interval_s: float = Field(
+        default=0.5, description="Period of the leader's loops (leases, retries, OFFLINE)."
+    )
+    reclaim_idle_ms: int = Field(
+        default=15_000, description="Idle time before an unstarted delivered entry is reclaimed."
+    )
     heartbeat_interval_s: float = Field(default=5.0, description="Worker heartbeat period.")
     claim_wait_max_s: float = Field(default=60.0, description="Longest claim long-poll.")
     events_maxlen: int = Field(default=10_000, description="Length cap of the events stream.")

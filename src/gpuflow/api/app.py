@@ -14,7 +14,9 @@ from gpuflow import __version__
 from gpuflow.api import routes_admin, routes_gpus, routes_tasks
 from gpuflow.api.envelope import error, install_error_handlers
 from gpuflow.config import Settings
-from gpuflow.core.loops import promote_retries
+from gpuflow.core.cluster import Membership, new_instance_id
+from gpuflow.core.leader import Leadership
+from gpuflow.core.loops import Maintenance
 from gpuflow.core.system import System
 
 DESCRIPTION = """
@@ -25,14 +27,29 @@ Timestamps are epoch milliseconds.
 
 
 def create_app(settings: Settings, redis_url: str, *, background: bool = True) -> FastAPI:
-    """An app bound to one Redis; ``background`` runs the maintenance loops in-process."""
+    """An app bound to one Redis; ``background`` campaigns for leadership and, while
+    leading, runs the maintenance loops in-process."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         system = System.connect(redis_url, settings)
+        instance_id = new_instance_id("api")
+        leadership = Leadership(system.store, instance_id)
         app.state.system = system
+        app.state.leadership = leadership
         stop = asyncio.Event()
-        loops = [asyncio.create_task(promote_retries(system, stop))] if background else []
+        membership = Membership(
+            system.store,
+            instance_id,
+            lambda: "LEADER" if leadership.is_leader else "FOLLOWER",
+        )
+        loops = [asyncio.create_task(membership.run(stop))]
+        if background:
+            maintenance = Maintenance(system, leadership)
+            loops += [
+                asyncio.create_task(leadership.run(stop)),
+                asyncio.create_task(maintenance.run(stop)),
+            ]
         try:
             yield
         finally:

@@ -21,8 +21,8 @@ from gpuflow.api.schemas import (
 )
 from gpuflow.core.apikeys import Role
 from gpuflow.core.errors import Forbidden, InvalidInput
-from gpuflow.core.models import TaskStatus
-from gpuflow.core.tasks import NewTask, result_text
+from gpuflow.core.models import TaskStatus, json_text
+from gpuflow.core.tasks import NewTask
 
 router = APIRouter(prefix="/api/v2/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
 TaskId = Annotated[str, "task id"]
@@ -36,7 +36,7 @@ async def create_task(body: TaskCreate, system: SystemDep, who: Submitter) -> Re
         if user_id is not None and user_id != who.user_id:
             raise Forbidden(f"a client key of user {who.user_id} cannot create tasks for {user_id}")
         user_id = who.user_id
-    payload = "" if body.payload is None else result_text(body.payload)
+    payload = "" if body.payload is None else json_text(body.payload)
     created = await system.tasks.create(
         NewTask(
             task_type=body.taskType,
@@ -104,7 +104,7 @@ async def post_result(
     await system.tasks.finish(
         taskId,
         TaskStatus.COMPLETED,
-        result_text(body.result),
+        json_text(body.result),
         gpu_id=body.gpuId,
         attempt=body.attempt,
     )
@@ -142,7 +142,7 @@ async def _apply_status(system: Any, task_id: str, body: TaskStatusUpdate) -> No
     elif body.status == "QUEUED":
         await tasks.requeue(task_id, body.attempt)
     elif body.status == "COMPLETED":
-        text = result_text(body.result) if body.result is not None else (body.message or "")
+        text = json_text(body.result) if body.result is not None else (body.message or "")
         await tasks.finish(
             task_id, TaskStatus.COMPLETED, text, gpu_id=body.gpuId, attempt=body.attempt
         )

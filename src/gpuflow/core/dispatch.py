@@ -12,6 +12,8 @@ import asyncio
 import json
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from gpuflow.core.errors import NotFound
 from gpuflow.core.gpus import Gpus
 from gpuflow.core.models import GpuStatus
@@ -41,15 +43,20 @@ class Dispatcher:
         self, gpu_id: str, streams: list[str], pre: list[tuple[str, str, str]], recover: bool
     ) -> tuple[int, list[dict[str, Any]]]:
         flat = [x for triple in pre for x in triple]
-        reply = await self.store.scripts.call(
-            "claim",
-            gpu_id,
-            self.store.settings.lease_ms,
-            1 if recover else 0,
-            len(pre),
-            *flat,
-            *streams,
-        )
+        try:
+            reply = await self.store.scripts.call(
+                "claim",
+                gpu_id,
+                self.store.settings.lease_ms,
+                1 if recover else 0,
+                len(pre),
+                *flat,
+                *streams,
+            )
+        except ResponseError as exc:
+            if "NOGPU" in str(exc):  # deleted between our read and the script
+                raise NotFound(f"GPU {gpu_id} not registered") from exc
+            raise
         return started_tasks(reply)
 
     async def claim(

@@ -59,6 +59,10 @@ class Gpus:
         self.keys = store.keys
         self._capacity_cache: tuple[float, list[dict[str, Any]]] | None = None
 
+    def invalidate(self) -> None:
+        """Forget the cached capacity (after a status change made elsewhere)."""
+        self._capacity_cache = None
+
     def streams_for(self, types: list[int], priority: str) -> list[str]:
         """The queues a node reads, in the order it must read them (VIP first)."""
         tiers = ("VIP",) if priority == Tier.VIP else TIERS

@@ -126,3 +126,10 @@ def parse_json_or_text(value: str | None) -> Any:
         return json.loads(value)
     except ValueError:
         return value
+
+
+def json_text(value: Any) -> str:
+    """A payload / result as stored: strings as they are, anything else as compact JSON."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import uuid
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ from gpuflow.core.gpus import Gpus
 from gpuflow.core.models import TaskStatus, Tier, parse_json_or_text, task_view
 from gpuflow.store import Store
 
+# Our own generator: jitter must not disturb (or be disturbed by) the global one.
+_RNG = random.Random()
 FINAL_OUTCOMES = (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.TIMEOUT)
 
 
@@ -267,7 +268,7 @@ class Tasks:
             s.retry_base_ms,
             s.gpu_fault_threshold,
             s.retry_max_ms,
-            random.uniform(0.5, 1.0),
+            _RNG.uniform(0.5, 1.0),
         )
         _raise_for(reply, task_id)
         return TaskStatus(reply[1])
@@ -288,11 +289,6 @@ class Tasks:
 
     async def promote_delayed(self, limit: int = 1000) -> int:
         return int(await self.store.scripts.call("promote_delayed", limit))
-
-
-def result_text(result: Any) -> str:
-    """A result as stored: strings as they are, anything else as JSON."""
-    return result if isinstance(result, str) else json.dumps(result, separators=(",", ":"))
 
 
 def started_tasks(reply: list[Any]) -> tuple[int, list[dict[str, Any]]]:

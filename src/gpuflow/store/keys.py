@@ -20,6 +20,11 @@ key                             type     meaning
 ``gpu:{id}``                    hash     one GPU node (seed's GpuNodeInfo)
 ``gpu:{id}:running``            set      task ids running on that GPU
 ``gpus``                        zset     GPU ids, score = registration time
+``gpus:beats``                  zset     GPU ids, score = last heartbeat (OFFLINE detection)
+``queues``                      set      every queue stream (for reclaiming stale entries)
+``leader``                      string   the leader's instance id, with a PX lease
+``instances``                   zset     cluster instance ids, score = last heartbeat (ms)
+``instance:{id}``               hash     one process: role, start time, version, host, pid
 ``apikey:{sha256}``             hash     an API key's role / user (the key itself is never stored)
 ``apikeys``                     set      the hashes of all API keys
 ``events``                      stream   capped log of every transition
@@ -94,6 +99,25 @@ class Keys:
     @property
     def gpus(self) -> str:
         return f"{self.prefix}gpus"
+
+    @property
+    def gpu_beats(self) -> str:
+        return f"{self.prefix}gpus:beats"
+
+    @property
+    def queues(self) -> str:
+        return f"{self.prefix}queues"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.prefix}leader"
+
+    @property
+    def instances(self) -> str:
+        return f"{self.prefix}instances"
+
+    def instance(self, instance_id: str) -> str:
+        return f"{self.prefix}instance:{instance_id}"
 
     def apikey(self, key_hash: str) -> str:
         return f"{self.prefix}apikey:{key_hash}"

@@ -28,6 +28,9 @@ SCRIPT_NAMES = (
     "heartbeat_gpu",
     "set_gpu_status",
     "delete_gpu",
+    "expire_leases",
+    "mark_offline",
+    "reclaim_pending",
 )
 
 

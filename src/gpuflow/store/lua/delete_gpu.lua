@@ -11,4 +11,5 @@ for _, id in ipairs(ids) do
 end
 redis.call('DEL', gkey, k_running(gpu))
 redis.call('ZREM', P .. 'gpus', gpu)
+redis.call('ZREM', K_BEATS, gpu)
 return #ids

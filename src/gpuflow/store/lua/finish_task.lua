@@ -39,7 +39,6 @@ if outcome == 'COMPLETED' then
   emit('completed', id, 'COMPLETED', {'gpuId', gpu})
   return {'OK', 'COMPLETED'}
 end
-redis.call('HSET', tkey, 'errorMessage', text, 'updatedAt', now, 'leaseDeadline', '')
 if has_gpu then
   local fails = redis.call('HINCRBY', gkey, 'taskFailureCount', 1)
   if threshold > 0 and fails >= threshold and redis.call('HGET', gkey, 'status') == 'ACTIVE' then
@@ -47,21 +46,4 @@ if has_gpu then
                'faultReason', fails .. ' consecutive task failures')
   end
 end
-if retryable and tonumber(t[4]) < tonumber(t[5]) then
-  local delay = math.floor(math.min(cap, base * 2 ^ tonumber(t[4])) * jitter)
-  redis.call('HINCRBY', tkey, 'retryCount', 1)
-  set_status(tkey, id, 'PROCESSING', 'QUEUED')
-  redis.call('HSET', tkey, 'progress', 0, 'progressMessage', '')
-  if delay > 0 then
-    redis.call('ZADD', K_DELAYED, now + delay, id)
-    redis.call('HSET', tkey, 'streamId', '')
-  else
-    enqueue(id, tkey)
-  end
-  emit('retry', id, 'QUEUED', {'error', text})
-  return {'OK', 'QUEUED'}
-end
-set_status(tkey, id, 'PROCESSING', outcome)
-redis.call('HSET', tkey, 'completedAt', now)
-emit(string.lower(outcome), id, outcome, {'error', text})
-return {'OK', outcome}
+return {'OK', retry_or_end(id, tkey, outcome, text, retryable, base, cap, jitter, now)}

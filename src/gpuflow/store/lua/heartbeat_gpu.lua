@@ -7,6 +7,7 @@ if not st then return false end
 local now = now_ms()
 if st == 'OFFLINE' then st = 'ACTIVE' end
 redis.call('HSET', gkey, 'lastHeartbeat', now, 'status', st, 'failureCount', 0)
+redis.call('ZADD', K_BEATS, now, gpu)
 local deadline = now + tonumber(ARGV[4])
 for _, id in ipairs(redis.call('SMEMBERS', k_running(gpu))) do
   redis.call('ZADD', K_LEASES, 'XX', deadline, id)

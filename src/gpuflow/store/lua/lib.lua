@@ -14,6 +14,8 @@ local function k_running(g) return P .. 'gpu:' .. g .. ':running' end
 local K_LEASES = P .. 'leases'
 local K_DELAYED = P .. 'delayed'
 local K_EVENTS = P .. 'events'
+local K_BEATS = P .. 'gpus:beats'
+local K_QUEUES = P .. 'queues'
 local GROUP = 'workers'
 
 local function now_ms()
@@ -39,6 +41,7 @@ end
 local function ensure_group(q)
   if redis.call('EXISTS', q) == 0 then
     redis.call('XGROUP', 'CREATE', q, GROUP, '0', 'MKSTREAM')
+    redis.call('SADD', K_QUEUES, q)
   end
 end
 
@@ -63,4 +66,30 @@ local function requeue(id, tkey, now, count_retry)
   redis.call('HSET', tkey, 'updatedAt', now, 'progress', 0, 'progressMessage', '')
   enqueue(id, tkey)
   emit('requeued', id, 'QUEUED')
+end
+
+-- End a PROCESSING attempt that did not complete (already out of leases / running set):
+-- back to QUEUED after a backoff while retries last (retryable only), else the final
+-- outcome. The backoff of retry n is min(cap, base * 2^n) * jitter. Returns the new status.
+local function retry_or_end(id, tkey, outcome, text, retryable, base, cap, jitter, now)
+  local r = redis.call('HMGET', tkey, 'retryCount', 'maxRetries')
+  redis.call('HSET', tkey, 'errorMessage', text, 'updatedAt', now, 'leaseDeadline', '')
+  if retryable and tonumber(r[1]) < tonumber(r[2]) then
+    local delay = math.floor(math.min(cap, base * 2 ^ tonumber(r[1])) * jitter)
+    redis.call('HINCRBY', tkey, 'retryCount', 1)
+    set_status(tkey, id, 'PROCESSING', 'QUEUED')
+    redis.call('HSET', tkey, 'progress', 0, 'progressMessage', '')
+    if delay > 0 then
+      redis.call('ZADD', K_DELAYED, now + delay, id)
+      redis.call('HSET', tkey, 'streamId', '')
+    else
+      enqueue(id, tkey)
+    end
+    emit('retry', id, 'QUEUED', {'error', text})
+    return 'QUEUED'
+  end
+  set_status(tkey, id, 'PROCESSING', outcome)
+  redis.call('HSET', tkey, 'completedAt', now)
+  emit(string.lower(outcome), id, outcome, {'error', text})
+  return outcome
 end

@@ -17,5 +17,6 @@ if not old then
   redis.call('HSET', gkey, 'taskFailureCount', 0, 'registeredAt', now)
 end
 redis.call('ZADD', P .. 'gpus', 'NX', now, gpu)
+redis.call('ZADD', K_BEATS, now, gpu)
 for i = 5 + 2 * n, #ARGV do ensure_group(ARGV[i]) end
 return status

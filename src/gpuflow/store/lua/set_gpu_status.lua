@@ -5,7 +5,8 @@ local old = redis.call('HGET', gkey, 'status')
 if not old then return false end
 redis.call('HSET', gkey, 'status', ARGV[4], 'faultReason', ARGV[5])
 if ARGV[4] == 'ACTIVE' then
-  redis.call('HSET', gkey, 'failureCount', 0, 'taskFailureCount', 0,
-             'lastHeartbeat', now_ms())
+  local now = now_ms()
+  redis.call('HSET', gkey, 'failureCount', 0, 'taskFailureCount', 0, 'lastHeartbeat', now)
+  redis.call('ZADD', K_BEATS, now, ARGV[3])
 end
 return old

@@ -1,0 +1,23 @@
+-- Leader loop: stream entries delivered to a GPU's consumer but never started (the reader
+-- died between its blocking read and the claim script) are taken back after ARGV[4] ms idle.
+-- ARGV[3] stream name, ARGV[5] max entries. A still-valid task gets a fresh entry at the
+-- tail of its queue; stale entries are dropped. Returns the number of entries reclaimed.
+local q = ARGV[3]
+local r = redis.call('XAUTOCLAIM', q, GROUP, 'gf-reclaimer', ARGV[4], '0-0', 'COUNT', ARGV[5])
+local n = 0
+for _, e in ipairs(r[2]) do
+  n = n + 1
+  redis.call('XACK', q, GROUP, e[1])
+  redis.call('XDEL', q, e[1])
+  if e[2] then
+    local id = e[2][2]
+    local tkey = k_task(id)
+    local t = redis.call('HMGET', tkey, 'status', 'streamId', 'taskType', 'tier')
+    if t[3] then redis.call('HINCRBY', k_qstat(t[3], t[4]), 'deq', 1) end
+    if t[1] == 'QUEUED' and t[2] == e[1] then
+      enqueue(id, tkey)
+      emit('reclaimed', id, 'QUEUED')
+    end
+  end
+end
+return n

@@ -1,0 +1,147 @@
+"""The HTTP transport: the agent speaks the worker protocol of ``/api/v2`` only.
+
+Every response is the envelope ``{code, message, data}``. 409 (stale or duplicate report) is
+:class:`StaleAttempt`; 404 is :class:`NodeUnknown` for node calls and :class:`StaleAttempt`
+for task reports (the task is gone); connection errors, timeouts and 5xx are
+:class:`TransportError`; any other refusal is :class:`TransportRejected`. Nothing is retried
+here: the agent decides (heartbeat and claim with backoff, fenced reports a few times).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from gpuflow.worker.transport import (
+    ClaimedTask,
+    NodeSpec,
+    NodeUnknown,
+    StaleAttempt,
+    TransportError,
+    TransportRejected,
+)
+
+CLAIM_EXTRA_S = 15.0
+
+
+def _seg(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200] or response.reason_phrase
+    if isinstance(body, dict):
+        return str(body.get("message") or body.get("detail") or body)
+    return str(body)
+
+
+class HttpTransport:
+    """Transport over the HTTP API at ``base_url`` with an API key (role ``worker``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout_s: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={"X-API-Key": api_key},
+            timeout=timeout_s,
+            transport=transport,
+        )
+
+    async def _post(
+        self,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        node: bool = False,
+        params: dict[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        kwargs: dict[str, Any] = {"json": body, "params": params}
+        if timeout_s is not None:
+            kwargs["timeout"] = timeout_s
+        try:
+            response = await self._client.post(path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise TransportError(f"{path}: {type(exc).__name__}: {exc}") from exc
+        status = response.status_code
+        if status < 300:
+            try:
+                return response.json().get("data")
+            except (ValueError, AttributeError) as exc:
+                raise TransportError(f"{path}: not an envelope: {response.text[:200]}") from exc
+        text = f"{path}: {status} {_message(response)}"
+        if status == 409:
+            raise StaleAttempt(text)
+        if status == 404:
+            raise (NodeUnknown if node else StaleAttempt)(text)
+        if status >= 500 or status in (408, 429):
+            raise TransportError(text)
+        raise TransportRejected(text)
+
+    async def register(self, node: NodeSpec) -> None:
+        body = {
+            "gpuId": node.gpu_id,
+            "hostname": node.hostname,
+            "ip": node.ip,
+            "port": node.port,
+            "supportedTaskTypes": list(node.supported_task_types),
+            "supportedTaskPriority": node.supported_task_priority,
+            "version": node.version,
+            "maxConcurrentTasks": node.max_concurrent_tasks,
+            "metadata": dict(node.metadata),
+        }
+        await self._post("/api/v2/gpus/register", body, node=True)
+
+    async def heartbeat(self, gpu_id: str) -> None:
+        await self._post(f"/api/v2/gpus/{_seg(gpu_id)}/heartbeat", node=True)
+
+    async def claim(
+        self, gpu_id: str, wait_s: float, *, recover: bool = False
+    ) -> list[ClaimedTask]:
+        data = await self._post(
+            f"/api/v2/gpus/{_seg(gpu_id)}/claim",
+            node=True,
+            params={"wait": f"{wait_s:g}", "recover": "true" if recover else "false"},
+            timeout_s=wait_s + CLAIM_EXTRA_S,
+        )
+        return [ClaimedTask.from_view(v) for v in data or []]
+
+    def _fence(self, task: ClaimedTask) -> dict[str, Any]:
+        return {"gpuId": task.gpu_id, "attempt": task.attempt}
+
+    async def progress(self, task: ClaimedTask, percent: int, message: str | None) -> None:
+        body = {"progress": percent, **self._fence(task)}
+        if message is not None:
+            body["message"] = message
+        await self._post(f"/api/v2/tasks/{_seg(task.task_id)}/progress", body)
+
+    async def complete(self, task: ClaimedTask, result: str) -> None:
+        body = {"result": result, **self._fence(task)}
+        await self._post(f"/api/v2/tasks/{_seg(task.task_id)}/result", body)
+
+    async def _status(self, task: ClaimedTask, status: str, **extra: Any) -> None:
+        body = {"status": status, **self._fence(task), **extra}
+        await self._post(f"/api/v2/tasks/{_seg(task.task_id)}/status", body)
+
+    async def fail(self, task: ClaimedTask, error: str, *, retryable: bool = True) -> None:
+        await self._status(task, "FAILED", message=error, retryable=retryable)
+
+    async def time_out(self, task: ClaimedTask, error: str) -> None:
+        await self._status(task, "TIMEOUT", message=error)
+
+    async def release(self, task: ClaimedTask) -> None:
+        await self._status(task, "QUEUED")
+
+    async def close(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,311 @@
+"""The agent end to end against a real Redis: child-process and in-loop executors,
+outcomes, concurrency limits, a killed child, timeouts, graceful stop, stale reports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpuflow.core.gpus import GpuSpec
+from gpuflow.worker import Agent, NodeSpec, NonRetryableError, TaskContext, Worker, detect_nodes
+from gpuflow.worker.executor import ExecutorError
+from gpuflow.worker.redis_transport import RedisTransport
+
+from . import test_worker_handlers as support
+from .conftest import Services
+from .test_worker_support import create, events_of, running, wait_pid, wait_status
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+async def transport(services: Services) -> AsyncIterator[RedisTransport]:
+    t = RedisTransport(services.store)
+    try:
+        yield t
+    finally:
+        await t.close()
+
+
+def nodes(types: list[int], gpus: int = 1, slots: int = 1) -> list[NodeSpec]:
+    host = f"h{uuid.uuid4().hex[:6]}"
+    return detect_nodes(types, gpus=gpus, max_concurrent_tasks=slots, hostname=host)
+
+
+def agent(worker: Worker, transport: RedisTransport, specs: list[NodeSpec], **kw: Any) -> Agent:
+    kw.setdefault("heartbeat_interval_s", 0.5)
+    kw.setdefault("claim_wait_s", 2.0)
+    return Agent(worker, transport, specs, **kw)
+
+
+def marks(tmp_path: Path, **fields: Any) -> str:
+    return json.dumps({"dir": str(tmp_path), **fields})
+
+
+async def test_sync_handlers_on_two_gpus(
+    services: Services, transport: RedisTransport, tmp_path: Path
+) -> None:
+    s = services
+    specs = nodes([11, 14], gpus=2)
+    async with running(agent(support.worker, transport, specs)):
+        tracked = [await create(s.tasks, 11, marks(tmp_path, ms=50)) for _ in range(8)]
+        as_json = await create(s.tasks, 14, '{"a": [1, 2]}')
+        as_text = await create(s.tasks, 14, "plain words")
+        done = await wait_status(s.store, [*tracked, as_json, as_text])
+    assert {h["status"] for h in done.values()} == {"COMPLETED"}
+    results = [json.loads(done[t]["result"]) for t in tracked]
+    assert {r["gpu"] for r in results} == {n.gpu_id for n in specs}
+    for r, t in zip(results, tracked, strict=True):
+        assert r["gpu"] == done[t]["gpuId"]
+        assert r["cuda"] == r["gpu"].rsplit("gpu", 1)[1]  # pinned to the node's index
+        assert r["pid"] != os.getpid()
+    # One child per GPU slot, reused between tasks.
+    assert len({r["pid"] for r in results}) == 2
+    assert json.loads(done[as_json]["result"]) == {
+        "payload": {"a": [1, 2]},
+        "raw": '{"a": [1, 2]}',
+        "attempt": 1,
+    }
+    assert done[as_text]["result"] == "raw:plain words"
+    for t in tracked:
+        progress = [e for e in await events_of(s.store, t) if e["event"] == "progress"]
+        assert progress and progress[0]["progress"] == "50"
+    for n in specs:
+        gpu = await s.gpus.get(n.gpu_id)
+        assert gpu["status"] == "ACTIVE" and gpu["currentTasks"] == 0
+        assert gpu["metadata"]["gpuModel"] == "simulated"
+
+
+async def test_async_handlers_run_in_the_loop(
+    services: Services, transport: RedisTransport
+) -> None:
+    s = services
+    seen: list[TaskContext] = []
+
+    async def handler(payload: Any, ctx: TaskContext) -> Any:
+        seen.append(ctx)
+        ctx.progress(30, "thinking")
+        await asyncio.sleep(0.01)
+        ctx.progress(90)
+        if payload == "text please":
+            return "just text"
+        return {"got": payload, "gpu": ctx.gpu_id}
+
+    specs = nodes([21], slots=2)
+    async with running(agent(Worker({21: handler}), transport, specs)):
+        a = await create(s.tasks, 21, '{"x": 1}', user_id="u1", app="demo", priority=1)
+        b = await create(s.tasks, 21, "text please")
+        done = await wait_status(s.store, [a, b])
+    assert json.loads(done[a]["result"]) == {"got": {"x": 1}, "gpu": specs[0].gpu_id}
+    assert done[b]["result"] == "just text"
+    ctx = next(c for c in seen if c.task_id == a)
+    assert (ctx.user_id, ctx.app, ctx.priority, ctx.attempt, ctx.task_type) == (
+        "u1",
+        "demo",
+        1,
+        1,
+        21,
+    )
+    assert ctx.gpu_index == 0 and ctx.max_retries == 3 and ctx.retry_count == 0
+    # The last progress before the result is always sent.
+    progress = [e["progress"] for e in await events_of(s.store, a) if e["event"] == "progress"]
+    assert progress[-1] == "90"
+
+
+async def test_outcomes_non_retryable_and_retryable(
+    services: Services, transport: RedisTransport
+) -> None:
+    s = services
+    async with running(agent(support.worker, transport, nodes([15], slots=2))):
+        fatal = await create(s.tasks, 15, '{"mode": "fatal"}')
+        flaky = await create(s.tasks, 15, '{"mode": "flaky", "ok_from": 2}')
+        hopeless = await create(s.tasks, 15, '{"mode": "flaky"}', max_retries=1)
+        done = await wait_status(s.store, [fatal, flaky, hopeless])
+    assert (done[fatal]["status"], done[fatal]["retryCount"]) == ("FAILED", "0")
+    assert done[fatal]["errorMessage"] == "bad input, no retry"
+    assert (done[flaky]["status"], done[flaky]["result"]) == ("COMPLETED", "ok on attempt 2")
+    assert done[flaky]["retryCount"] == "1"
+    assert (done[hopeless]["status"], done[hopeless]["retryCount"]) == ("FAILED", "1")
+    assert done[hopeless]["errorMessage"] == "flaky on attempt 2"
+
+
+async def test_async_non_retryable_error(services: Services, transport: RedisTransport) -> None:
+    async def handler(payload: Any, ctx: TaskContext) -> None:
+        raise NonRetryableError("no")
+
+    async with running(agent(Worker({22: handler}), transport, nodes([22]))):
+        task = await create(services.tasks, 22, "x", max_retries=5)
+        done = await wait_status(services.store, [task])
+    assert (done[task]["status"], done[task]["retryCount"]) == ("FAILED", "0")
+    assert done[task]["errorMessage"] == "no"
+
+
+async def test_max_concurrent_tasks_never_exceeded(services: Services, tmp_path: Path) -> None:
+    """Two agents (3 nodes, 8 child processes) against 200 tasks."""
+    s = services
+    t1, t2 = RedisTransport(s.store), RedisTransport(s.store)
+    a_nodes, b_nodes = nodes([11], gpus=2, slots=3), nodes([11], gpus=1, slots=2)
+    limits = {n.gpu_id: n.max_concurrent_tasks for n in a_nodes + b_nodes}
+    try:
+        async with (
+            running(agent(support.worker, t1, a_nodes)),
+            running(agent(support.worker, t2, b_nodes)),
+        ):
+            payload = marks(tmp_path, ms=5)
+            ids = [await create(s.tasks, 11, payload) for _ in range(200)]
+            done = await wait_status(s.store, ids, within_s=40)
+    finally:
+        await t1.close()
+        await t2.close()
+    assert {h["status"] for h in done.values()} == {"COMPLETED"}
+    samples = {g: (tmp_path / g / "samples").read_text().split() for g in limits}
+    peaks = {g: max(int(x) for x in xs) for g, xs in samples.items()}
+    for gpu_id, limit in limits.items():
+        assert peaks[gpu_id] <= limit, (gpu_id, peaks[gpu_id], limit)
+    assert sum(len(xs) for xs in samples.values()) == 200
+    assert max(peaks.values()) >= 2  # the load really ran tasks side by side
+
+
+async def test_killed_child_fails_the_task_and_restarts(
+    services: Services, transport: RedisTransport
+) -> None:
+    s = services
+    async with running(agent(support.worker, transport, nodes([12, 14]))):
+        task = await create(s.tasks, 12, max_retries=2)
+        first = await wait_pid(s.store, task)
+        os.kill(first, signal.SIGKILL)
+        done = await wait_status(s.store, [task])
+        after = await create(s.tasks, 14, "still serving")
+        after_done = await wait_status(s.store, [after])
+    assert done[task]["status"] == "COMPLETED"
+    assert done[task]["result"].startswith("attempt 2 in ")
+    assert done[task]["result"] != f"attempt 2 in {first}"  # a new child
+    assert done[task]["retryCount"] == "1"
+    retry = [e for e in await events_of(s.store, task) if e["event"] == "retry"]
+    assert len(retry) == 1 and "died (exit code -9)" in retry[0]["error"]
+    assert after_done[after]["result"] == "raw:still serving"
+
+
+async def test_hard_timeout_kills_the_child(services: Services, transport: RedisTransport) -> None:
+    s = services
+    async with running(agent(support.worker, transport, nodes([13, 14]))):
+        task = await create(s.tasks, 13, '{"seconds": 30}', timeout=1000, max_retries=0)
+        pid = await wait_pid(s.store, task)
+        done = await wait_status(s.store, [task])
+        after = await create(s.tasks, 14, "next")
+        after_done = await wait_status(s.store, [after])
+    assert done[task]["status"] == "TIMEOUT"
+    assert "timed out after 1000 ms" in done[task]["errorMessage"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert after_done[after]["result"] == "raw:next"
+
+
+async def test_graceful_stop_releases_unfinished_tasks(
+    services: Services, transport: RedisTransport
+) -> None:
+    s = services
+    worker_agent = agent(support.worker, transport, nodes([13]))
+    await worker_agent.start()
+    task = await create(s.tasks, 13, '{"seconds": 30}')
+    pid = await wait_pid(s.store, task)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await worker_agent.stop(grace_s=0.3)
+    assert loop.time() - t0 < 5
+    view = await s.tasks.get(task)
+    assert (view["status"], view["retryCount"], view["attempt"]) == ("QUEUED", 0, 1)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+async def test_graceful_stop_lets_running_tasks_finish(
+    services: Services, transport: RedisTransport
+) -> None:
+    started = asyncio.Event()
+
+    async def handler(payload: Any, ctx: TaskContext) -> str:
+        started.set()
+        await asyncio.sleep(0.3)
+        return "finished in time"
+
+    worker_agent = agent(Worker({23: handler}), transport, nodes([23]))
+    await worker_agent.start()
+    task = await create(services.tasks, 23)
+    await asyncio.wait_for(started.wait(), 10)
+    await worker_agent.stop(grace_s=10)
+    view = await services.tasks.get(task)
+    assert (view["status"], view["result"]) == ("COMPLETED", "finished in time")
+
+
+async def test_stale_report_is_dropped(services: Services, transport: RedisTransport) -> None:
+    s = services
+    started, gate = asyncio.Event(), asyncio.Event()
+
+    async def handler(payload: Any, ctx: TaskContext) -> str:
+        if ctx.attempt == 1:
+            started.set()
+            await gate.wait()
+        return f"attempt {ctx.attempt}"
+
+    async with running(agent(Worker({24: handler}), transport, nodes([24]))) as a:
+        task = await create(s.tasks, 24)
+        await asyncio.wait_for(started.wait(), 10)
+        await s.tasks.requeue(task, attempt=1)  # as when its lease is lost
+        gate.set()
+        done = await wait_status(s.store, [task])
+        assert a.ready.is_set()
+    assert (done[task]["result"], done[task]["attempt"]) == ("attempt 2", "2")
+
+
+async def test_first_claim_recovers_orphans(services: Services, transport: RedisTransport) -> None:
+    """A task left PROCESSING by a previous run of the same node is failed and retried."""
+    s = services
+    specs = nodes([25])
+    gpu_id = specs[0].gpu_id
+    await s.gpus.register(GpuSpec(gpu_id, [25]))
+    task = await create(s.tasks, 25)
+    (claimed,) = await s.dispatch.claim(gpu_id)
+    assert claimed["taskId"] == task
+
+    async def handler(payload: Any, ctx: TaskContext) -> str:
+        return f"attempt {ctx.attempt}"
+
+    async with running(agent(Worker({25: handler}), transport, specs)):
+        done = await wait_status(s.store, [task])
+    assert (done[task]["result"], done[task]["retryCount"]) == ("attempt 2", "1")
+
+
+async def test_bad_worker_setups_fail_early(transport: RedisTransport) -> None:
+    with pytest.raises(ValueError, match="no handler for task type"):
+        Agent(Worker({1: lambda p, c: p}), transport, nodes([1, 2]))
+    closure = Worker({1: lambda p, c: p})
+    with pytest.raises(TypeError, match="must be importable"):
+        await agent(closure, transport, nodes([1])).run(asyncio.Event())
+    missing = Worker({1: support.describe}, ref="tests.no_such_module:worker")
+    with pytest.raises(ExecutorError, match="ModuleNotFoundError"):
+        await agent(missing, transport, nodes([1])).run(asyncio.Event())
+
+
+async def test_deleted_node_registers_again(services: Services, transport: RedisTransport) -> None:
+    s = services
+
+    async def handler(payload: Any, ctx: TaskContext) -> str:
+        return "served"
+
+    specs = nodes([26])
+    async with running(agent(Worker({26: handler}), transport, specs, claim_wait_s=0.5)):
+        await s.gpus.delete(specs[0].gpu_id)  # an operator removed it
+        task = await create(s.tasks, 26)
+        done = await wait_status(s.store, [task])
+        gpu = await s.gpus.get(specs[0].gpu_id)
+    assert done[task]["result"] == "served"
+    assert gpu["status"] == "ACTIVE"
