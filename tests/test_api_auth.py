@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[tuple[str, str]]] = {
     },
     "client": {
         ("POST", "/api/v2/tasks"),
+        ("POST", "/api/v2/tasks/{taskId}/cancel"),
         ("GET", "/api/v2/tasks"),
         ("GET", "/api/v2/tasks/{taskId}"),
         ("GET", "/api/v2/tasks/{taskId}/progress"),

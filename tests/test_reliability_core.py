@@ -100,7 +100,7 @@ async def test_silent_gpu_goes_offline_and_its_tasks_move(make_system: Factory) 
     assert await system.dispatch.claim("quiet") == []
     moved = await system.dispatch.claim("alive")
     assert sorted(t["taskId"] for t in moved) == sorted(ids)
-    assert await system.gpus.heartbeat("quiet") == "ACTIVE"
+    assert (await system.gpus.heartbeat("quiet")).status == "ACTIVE"
     assert (await maintenance.tick())["offline"] == 0
 
 

@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from gpuflow.api.deps import Admin, FleetReader, SystemDep, WorkerRole
 from gpuflow.api.envelope import ERROR_RESPONSES, Envelope, envelope
-from gpuflow.api.schemas import GpuOut, GpuRegister, TaskOut
+from gpuflow.api.schemas import GpuOut, GpuRegister, HeartbeatIn, HeartbeatOut, TaskOut
 from gpuflow.core.gpus import GpuSpec
 from gpuflow.core.models import GpuStatus, Tier
 
@@ -60,11 +60,20 @@ async def register(body: GpuRegister, system: SystemDep, _: WorkerRole) -> Respo
     return envelope("GPU registered")
 
 
-@router.post("/{gpuId}/heartbeat", response_model=Envelope[str], summary="Heartbeat")
-async def heartbeat(gpuId: GpuId, system: SystemDep, _: WorkerRole) -> Response:
-    """Refreshes `lastHeartbeat`, brings an OFFLINE node back, renews its tasks' leases."""
-    await system.gpus.heartbeat(gpuId)
-    return envelope("heartbeat updated")
+@router.post("/{gpuId}/heartbeat", response_model=Envelope[str | HeartbeatOut], summary="Heartbeat")
+async def heartbeat(
+    gpuId: GpuId, system: SystemDep, _: WorkerRole, body: HeartbeatIn | None = None
+) -> Response:
+    """Refreshes `lastHeartbeat` and brings an OFFLINE node back. Without a body (the seed's
+    form) it renews the leases of all the node's tasks and answers a string; with
+    `{"running": [{taskId, attempt}]}` it renews those, reaps the node's other tasks and
+    answers `{status, stop}`: the listed tasks the node must stop."""
+    if body is None:
+        await system.gpus.heartbeat(gpuId)
+        return envelope("heartbeat updated")
+    running = {t.taskId: t.attempt for t in body.running}
+    reply = await system.gpus.heartbeat(gpuId, running)
+    return envelope({"status": reply.status, "stop": reply.stop})
 
 
 @router.post("/{gpuId}/fault", response_model=Envelope[str], summary="Mark a GPU FAULTY")

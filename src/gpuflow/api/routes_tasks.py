@@ -95,6 +95,16 @@ async def get_result(taskId: TaskId, system: SystemDep, who: Reader) -> Response
     return envelope(await system.tasks.result_view(taskId))
 
 
+@router.post("/{taskId}/cancel", response_model=Envelope[str], summary="Cancel a task")
+async def cancel_task(taskId: TaskId, system: SystemDep, who: Submitter) -> Response:
+    """A QUEUED task ends CANCELED at once. A PROCESSING one ends CANCELED too: its attempt
+    is fenced off (late reports get 409) and its worker is told to stop the handler at its
+    next heartbeat. A finished task answers 409. A `client` key cancels its own tasks only."""
+    await check_task_access(system, who, taskId)
+    previous = await system.tasks.cancel(taskId, f"canceled by {who.role.value}")
+    return envelope(f"task canceled (was {previous.value})")
+
+
 @router.post("/{taskId}/result", response_model=Envelope[str], summary="Report a result")
 async def post_result(
     taskId: TaskId, body: TaskResultUpdate, system: SystemDep, _: WorkerRole

@@ -148,6 +148,23 @@ class GpuRegister(Input):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+class RunningTask(Input):
+    taskId: SStr = Field(min_length=1, max_length=128)
+    attempt: Annotated[int, Field(ge=1), INTEGER]
+
+
+class HeartbeatIn(Input):
+    """Optional: the tasks the node runs now. With it, the server renews exactly those
+    leases, reaps the node's tasks it no longer runs, and answers which to stop."""
+
+    running: list[RunningTask] = Field(max_length=4096)
+
+
+class HeartbeatOut(BaseModel):
+    status: str
+    stop: list[str] = Field(description="Task ids the node must stop (canceled, timed out).")
+
+
 class GpuOut(BaseModel):
     """The seed's GpuNodeInfo, plus faultReason and registeredAt."""
 

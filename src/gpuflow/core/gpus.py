@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +13,8 @@ from gpuflow.core.errors import NotFound
 from gpuflow.core.models import GpuStatus, Tier, gpu_view
 from gpuflow.store import Store
 from gpuflow.store.keys import TIERS
+
+_RNG = random.Random()
 
 
 @dataclass(slots=True)
@@ -40,6 +44,12 @@ class GpuSpec:
             "maxConcurrentTasks": str(self.max_concurrent_tasks),
             "metadata": json.dumps(self.metadata),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReply:
+    status: str
+    stop: list[str]
 
 
 def serves(view: dict[str, Any], task_type: int, tier: Tier) -> bool:
@@ -77,13 +87,28 @@ class Gpus:
         self._capacity_cache = None
         return str(status)
 
-    async def heartbeat(self, gpu_id: str) -> str:
-        status = await self.store.scripts.call(
-            "heartbeat_gpu", gpu_id, self.store.settings.lease_ms
+    async def heartbeat(
+        self, gpu_id: str, running: Mapping[str, int] | None = None
+    ) -> HeartbeatReply:
+        """Renew the GPU and its tasks' leases. With ``running`` (task id → attempt, as the
+        agent sees it) the server also reaps tasks the agent lost and answers which listed
+        tasks the agent must stop (canceled, timed out, moved on)."""
+        s = self.store.settings
+        pairs = [str(x) for kv in (running or {}).items() for x in kv]
+        reply = await self.store.scripts.call(
+            "heartbeat_gpu",
+            gpu_id,
+            s.lease_ms,
+            int(s.heartbeat_interval_s * 2000) + 1000,
+            s.retry_base_ms,
+            s.retry_max_ms,
+            _RNG.uniform(0.5, 1.0),
+            -1 if running is None else len(running),
+            *pairs,
         )
-        if not status:
+        if not reply:
             raise NotFound(f"GPU {gpu_id} not registered")
-        return str(status)
+        return HeartbeatReply(str(reply[0]), [str(x) for x in reply[1:]])
 
     async def set_status(self, gpu_id: str, status: GpuStatus, reason: str = "") -> str:
         old = await self.store.scripts.call("set_gpu_status", gpu_id, status.value, reason)

@@ -287,6 +287,12 @@ class Tasks:
         )
         _raise_for(reply, task_id)
 
+    async def cancel(self, task_id: str, reason: str = "canceled") -> TaskStatus:
+        """QUEUED or PROCESSING → CANCELED; returns the status it had. Finished: Conflict."""
+        reply = await self.store.scripts.call("cancel_task", task_id, reason)
+        _raise_for(reply, task_id)
+        return TaskStatus(reply[1])
+
     async def promote_delayed(self, limit: int = 1000) -> int:
         return int(await self.store.scripts.call("promote_delayed", limit))
 

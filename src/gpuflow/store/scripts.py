@@ -31,6 +31,7 @@ SCRIPT_NAMES = (
     "expire_leases",
     "mark_offline",
     "reclaim_pending",
+    "cancel_task",
 )
 
 
