@@ -22,6 +22,11 @@ ALLOWED: dict[str, set[tuple[str, str]]] = {
         ("GET", "/api/v2/gpus"),
         ("GET", "/api/v2/gpus/{gpuId}"),
         ("GET", "/api/v2/gpus/by-task-type/{taskType}"),
+        ("GET", "/api/v2/task-types"),
+        ("GET", "/api/v2/task-types/{taskType}"),
+        ("GET", "/api/v2/monitoring/alerts"),
+        ("GET", "/api/v2/monitoring/alerts/stats"),
+        ("GET", "/api/v1/monitoring/gpu-lock/status"),
     },
     "client": {
         ("POST", "/api/v2/tasks"),
@@ -30,6 +35,8 @@ ALLOWED: dict[str, set[tuple[str, str]]] = {
         ("GET", "/api/v2/tasks/{taskId}"),
         ("GET", "/api/v2/tasks/{taskId}/progress"),
         ("GET", "/api/v2/tasks/{taskId}/result"),
+        ("GET", "/api/v2/task-types"),
+        ("GET", "/api/v2/task-types/{taskType}"),
     },
 }
 WORKER_WRITES = {

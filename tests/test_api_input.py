@@ -60,6 +60,12 @@ CASES: list[tuple[str, str, Any, int, str]] = [
     ("GET", "/api/v2/tasks/task_nope", None, 404, "not found"),
     ("GET", "/api/v2/tasks/task_nope/result", None, 404, "not found"),
     ("POST", "/api/v2/keys", {"role": "root"}, 400, "role"),
+    ("PUT", "/api/v2/task-types/3", {"timeout": 5}, 400, "timeout"),
+    ("PUT", "/api/v2/task-types/3", {"exclusive": "yes"}, 400, "exclusive"),
+    ("PUT", "/api/v2/task-types/-1", {}, 400, "taskType"),
+    ("POST", "/api/v2/monitoring/alerts/alert_nope/acknowledge", None, 404, "not found"),
+    ("POST", "/api/v1/monitoring/lock/release?gpuId=nope", None, 404, "not registered"),
+    ("POST", "/api/v1/monitoring/lock/release", None, 400, "gpuId"),
 ]
 
 

@@ -52,6 +52,15 @@ class Settings(BaseSettings):
     reclaim_idle_ms: int = Field(
         default=15_000, description="Idle time before an unstarted delivered entry is reclaimed."
     )
+    timeout_warning_fraction: float = Field(
+        default=0.8, description="Share of a task's timeout at which a warning alert is raised."
+    )
+    timeout_grace_ms: int = Field(
+        default=10_000, description="After the timeout (soft stop), time before the hard kill."
+    )
+    retry_on_timeout: bool = Field(
+        default=True, description="Retry a timed-out attempt while retries last."
+    )
     heartbeat_interval_s: float = Field(default=5.0, description="Worker heartbeat period.")
     claim_wait_max_s: float = Field(default=60.0, description="Longest claim long-poll.")
     events_maxlen: int = Field(default=10_000, description="Length cap of the events stream.")

@@ -11,7 +11,13 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from gpuflow import __version__
-from gpuflow.api import routes_admin, routes_gpus, routes_tasks
+from gpuflow.api import (
+    routes_admin,
+    routes_gpus,
+    routes_monitoring,
+    routes_tasks,
+    routes_tasktypes,
+)
 from gpuflow.api.envelope import error, install_error_handlers
 from gpuflow.config import Settings
 from gpuflow.core.cluster import Membership, new_instance_id
@@ -75,7 +81,7 @@ def create_app(settings: Settings, redis_url: str, *, background: bool = True) -
             return error(413, f"request body over {limit} bytes")
         return await call_next(request)
 
-    for module in (routes_tasks, routes_gpus, routes_admin):
+    for module in (routes_tasks, routes_gpus, routes_tasktypes, routes_monitoring, routes_admin):
         app.include_router(module.router)
     _document_400_not_422(app)
     return app

@@ -206,3 +206,50 @@ class HealthOut(BaseModel):
     status: Literal["UP", "DOWN"]
     redis: Literal["UP", "DOWN"]
     version: str
+
+
+class TaskTypeIn(Input):
+    name: SStr | None = Field(default=None, max_length=128)
+    timeout: Annotated[int, Field(ge=1000, le=86_400_000), INTEGER] | None = Field(
+        default=None, description="Default task timeout, ms."
+    )
+    maxRetries: Annotated[int, Field(ge=0, le=100), INTEGER] | None = None
+    exclusive: SBool = Field(default=False, description="Tasks of this type need a GPU alone.")
+
+
+class TaskTypeOut(BaseModel):
+    taskType: int
+    name: str | None
+    timeout: int | None
+    maxRetries: int | None
+    exclusive: bool
+
+
+class AlertOut(BaseModel):
+    """The seed's AlertInfo."""
+
+    id: str
+    title: str
+    message: str
+    level: Literal["CRITICAL", "WARNING", "INFO"]
+    status: Literal["ACTIVE", "ACKNOWLEDGED"]
+    source: str
+    timestamp: int
+    acknowledgedAt: int | None
+    acknowledgedBy: str | None
+
+
+class AlertStats(BaseModel):
+    total_alerts: int
+    critical_alerts: int
+    warning_alerts: int
+    info_alerts: int
+    acknowledged_alerts: int
+    active_alerts: int
+
+
+class GpuLockOut(BaseModel):
+    gpuId: str
+    locked: bool
+    owner: str | None = Field(description="Task id holding the GPU alone.")
+    ttlMs: int | None

@@ -43,11 +43,14 @@ class Dispatcher:
         self, gpu_id: str, streams: list[str], pre: list[tuple[str, str, str]], recover: bool
     ) -> tuple[int, list[dict[str, Any]]]:
         flat = [x for triple in pre for x in triple]
+        s = self.store.settings
         try:
             reply = await self.store.scripts.call(
                 "claim",
                 gpu_id,
-                self.store.settings.lease_ms,
+                s.lease_ms,
+                s.timeout_grace_ms,
+                s.timeout_warning_fraction,
                 1 if recover else 0,
                 len(pre),
                 *flat,

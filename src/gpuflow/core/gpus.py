@@ -124,6 +124,26 @@ class Gpus:
         self._capacity_cache = None
         return int(requeued)
 
+    async def lock(self, gpu_id: str) -> dict[str, Any]:
+        """The GPU's exclusive lock: owner task and remaining TTL (ms), or unlocked."""
+        await self.get(gpu_id)
+        async with self.store.redis.pipeline(transaction=False) as p:
+            p.get(self.keys.gpulock(gpu_id))
+            p.pttl(self.keys.gpulock(gpu_id))
+            owner, ttl = await p.execute()
+        return {"gpuId": gpu_id, "locked": owner is not None, "owner": owner,
+                "ttlMs": int(ttl) if owner is not None else None}  # fmt: skip
+
+    async def release_lock(self, gpu_id: str) -> str | None:
+        """Admin release; returns the task that held it (None if it was free)."""
+        await self.get(gpu_id)
+        async with self.store.redis.pipeline(transaction=True) as p:
+            p.get(self.keys.gpulock(gpu_id))
+            p.delete(self.keys.gpulock(gpu_id))
+            p.zrem(self.keys.gpulocks, gpu_id)
+            owner, _, _ = await p.execute()
+        return str(owner) if owner is not None else None
+
     async def get(self, gpu_id: str) -> dict[str, Any]:
         async with self.store.redis.pipeline(transaction=False) as p:
             p.hgetall(self.keys.gpu(gpu_id))

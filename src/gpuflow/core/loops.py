@@ -42,6 +42,8 @@ class Maintenance:
             ("promoted", self._promote),
             ("expired", lambda: scripts.call("expire_leases", BATCH, *self._retry_args())),
             ("offline", self._offline),
+            ("timeouts", self._timeouts),
+            ("locks", lambda: scripts.call("sweep_locks")),
             ("reclaimed", self._reclaim),
         )
         for name, step in steps:
@@ -50,6 +52,12 @@ class Maintenance:
             result = await step()
             done[name] = result if isinstance(result, int) else len(result)
         return done
+
+    async def _timeouts(self) -> int:
+        warned, timed_out = await self.system.store.scripts.call(
+            "check_timeouts", BATCH, *self._retry_args(), 1 if self.settings.retry_on_timeout else 0
+        )
+        return int(warned) + int(timed_out)
 
     async def _promote(self) -> int:
         return await self.system.tasks.promote_delayed(BATCH)

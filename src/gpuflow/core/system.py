@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from gpuflow.config import Settings
+from gpuflow.core.alerts import Alerts
 from gpuflow.core.apikeys import ApiKeys
 from gpuflow.core.dispatch import Dispatcher
 from gpuflow.core.gpus import Gpus
 from gpuflow.core.tasks import Tasks
+from gpuflow.core.tasktypes import TaskTypes
 from gpuflow.store import Store
 
 
@@ -19,10 +21,12 @@ class System:
         self.store = store
         self.settings = store.settings
         self.gpus = Gpus(store)
-        self.tasks = Tasks(store, self.gpus)
+        self.task_types = TaskTypes(store)
+        self.tasks = Tasks(store, self.gpus, self.task_types)
         self._blocking: Any = store.blocking_client()
         self.dispatch = Dispatcher(store, self.gpus, self._blocking)
         self.keys = ApiKeys(store, store.settings.admin_key)
+        self.alerts = Alerts(store)
 
     @classmethod
     def connect(cls, url: str, settings: Settings) -> System:

@@ -11,6 +11,7 @@ from gpuflow.core.errors import Conflict, InvalidInput, NotFound, PayloadTooLarg
 from gpuflow.core.estimate import wait_seconds
 from gpuflow.core.gpus import Gpus
 from gpuflow.core.models import TaskStatus, Tier, parse_json_or_text, task_view
+from gpuflow.core.tasktypes import TaskTypes
 from gpuflow.store import Store
 
 # Our own generator: jitter must not disturb (or be disturbed by) the global one.
@@ -40,6 +41,11 @@ def _raise_for(reply: list[Any], task_id: str) -> None:
         raise NotFound("GPU not registered")
 
 
+def first_set(*values: int | None) -> int:
+    """The task's own value, else its type's default, else the system default."""
+    return next(v for v in values if v is not None)
+
+
 def _pairs(flat: list[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -47,11 +53,12 @@ def _pairs(flat: list[str]) -> dict[str, str]:
 class Tasks:
     """The task side of the domain, over one :class:`Store`."""
 
-    def __init__(self, store: Store, gpus: Gpus) -> None:
+    def __init__(self, store: Store, gpus: Gpus, types: TaskTypes | None = None) -> None:
         self.store = store
         self.keys = store.keys
         self.settings = store.settings
         self.gpus = gpus
+        self.types = types or TaskTypes(store)
 
     def tier_of(self, priority: int) -> Tier:
         return Tier.VIP if priority >= self.settings.vip_priority else Tier.NORMAL
@@ -61,6 +68,9 @@ class Tasks:
             raise PayloadTooLarge(f"payload is larger than {self.settings.max_payload_bytes} bytes")
         task_id = f"task_{uuid.uuid4().hex}"
         tier = self.tier_of(new.priority)
+        cfg = await self.types.get(new.task_type)
+        max_retries = first_set(new.max_retries, cfg.max_retries, self.settings.default_max_retries)
+        timeout = first_set(new.timeout, cfg.timeout, self.settings.default_timeout_ms)
         fields: dict[str, Any] = {
             "taskType": new.task_type,
             "tier": tier.value,
@@ -69,10 +79,8 @@ class Tasks:
             "userId": new.user_id or "",
             "app": new.app or "",
             "env": new.env or "",
-            "maxRetries": self.settings.default_max_retries
-            if new.max_retries is None
-            else new.max_retries,
-            "timeout": self.settings.default_timeout_ms if new.timeout is None else new.timeout,
+            "maxRetries": max_retries,
+            "timeout": timeout,
         }
         avg_ms = await self._avg_ms(new.task_type)
         capacity = await self.gpus.capacity(new.task_type, tier)
@@ -275,8 +283,15 @@ class Tasks:
 
     async def start(self, task_id: str, gpu_id: str, message: str | None = None) -> int:
         """Push-style start of a QUEUED task on ``gpu_id``; returns the attempt number."""
+        s = self.settings
         reply = await self.store.scripts.call(
-            "start_task", task_id, gpu_id, self.settings.lease_ms, message or ""
+            "start_task",
+            task_id,
+            gpu_id,
+            s.lease_ms,
+            message or "",
+            s.timeout_grace_ms,
+            s.timeout_warning_fraction,
         )
         _raise_for(reply, task_id)
         return int(reply[1])

@@ -22,6 +22,16 @@ key                             type     meaning
 ``gpus``                        zset     GPU ids, score = registration time
 ``gpus:beats``                  zset     GPU ids, score = last heartbeat (OFFLINE detection)
 ``queues``                      set      every queue stream (for reclaiming stale entries)
+``tasktype:{t}``                hash     defaults of a task type: name, timeout, maxRetries, exclusive
+``tasktypes``                   zset     configured task types
+``timeouts``                    zset     PROCESSING task ids, score = hard timeout deadline (ms)
+``warnings``                    zset     PROCESSING task ids, score = timeout warning time (ms)
+``finished``                    zset     finished task ids, score = completion time (retention)
+``gpulock:{gpu}``               string   exclusive lock of a GPU: the owning task id, with a PX TTL
+``gpulocks``                    zset     GPUs with a lock (stale-lock sweep)
+``alert:{id}``                  hash     an alert (the seed's AlertInfo)
+``alerts``                      zset     alert ids, score = timestamp; ``alerts:seq`` numbers them
+``idem:{scope}:{key}``          string   Idempotency-Key → "taskId body-sha256", 24 h TTL
 ``leader``                      string   the leader's instance id, with a PX lease
 ``instances``                   zset     cluster instance ids, score = last heartbeat (ms)
 ``instance:{id}``               hash     one process: role, start time, version, host, pid
@@ -125,6 +135,34 @@ class Keys:
     @property
     def apikeys(self) -> str:
         return f"{self.prefix}apikeys"
+
+    def tasktype(self, task_type: int) -> str:
+        return f"{self.prefix}tasktype:{task_type}"
+
+    @property
+    def tasktypes(self) -> str:
+        return f"{self.prefix}tasktypes"
+
+    def gpulock(self, gpu_id: str) -> str:
+        return f"{self.prefix}gpulock:{gpu_id}"
+
+    @property
+    def gpulocks(self) -> str:
+        return f"{self.prefix}gpulocks"
+
+    def alert(self, alert_id: str) -> str:
+        return f"{self.prefix}alert:{alert_id}"
+
+    @property
+    def alerts(self) -> str:
+        return f"{self.prefix}alerts"
+
+    @property
+    def finished(self) -> str:
+        return f"{self.prefix}finished"
+
+    def idem(self, scope: str, key: str) -> str:
+        return f"{self.prefix}idem:{scope}:{key}"
 
     def tmp(self, token: str) -> str:
         return f"{self.prefix}tmp:{token}"

@@ -32,6 +32,8 @@ SCRIPT_NAMES = (
     "mark_offline",
     "reclaim_pending",
     "cancel_task",
+    "check_timeouts",
+    "sweep_locks",
 )
 
 

@@ -12,7 +12,7 @@ if st ~= 'QUEUED' and st ~= 'PROCESSING' then
 end
 local now = now_ms()
 redis.call('ZREM', K_DELAYED, id)
-redis.call('ZREM', K_LEASES, id)
+clear_timers(id)
 set_status(tkey, id, st, 'CANCELED')
 redis.call('HSET', tkey, 'completedAt', now, 'updatedAt', now, 'streamId', '',
            'errorMessage', ARGV[4], 'leaseDeadline', '')

@@ -5,7 +5,7 @@
 local now = now_ms()
 local due = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
 for _, id in ipairs(due) do
-  redis.call('ZREM', K_LEASES, id)
+  clear_timers(id)
   local tkey = k_task(id)
   local t = redis.call('HMGET', tkey, 'status', 'gpuId', 'attempt')
   if t[1] == 'PROCESSING' then

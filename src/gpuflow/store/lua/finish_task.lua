@@ -21,7 +21,7 @@ if gpu_arg ~= '' and gpu_arg ~= gpu then
   return {'CONFLICT', 'task runs on GPU ' .. gpu .. ', not ' .. gpu_arg}
 end
 local now = now_ms()
-redis.call('ZREM', K_LEASES, id)
+clear_timers(id)
 redis.call('SREM', k_running(gpu), id)
 local gkey = k_gpu(gpu)
 local has_gpu = redis.call('EXISTS', gkey) == 1
@@ -44,6 +44,9 @@ if has_gpu then
   if threshold > 0 and fails >= threshold and redis.call('HGET', gkey, 'status') == 'ACTIVE' then
     redis.call('HSET', gkey, 'status', 'FAULTY',
                'faultReason', fails .. ' consecutive task failures')
+    raise_alert('CRITICAL', 'GPU fault', 'GPU ' .. gpu .. ' is FAULTY after ' .. fails ..
+                ' consecutive task failures (last: ' .. string.sub(text, 1, 200) .. ')',
+                'gpu_monitor')
   end
 end
 return {'OK', retry_or_end(id, tkey, outcome, text, retryable, base, cap, jitter, now)}

@@ -18,7 +18,17 @@ local deadline = now + tonumber(ARGV[4])
 local running = k_running(gpu)
 local n = tonumber(ARGV[9])
 local reply = {st}
+-- Renew the GPU's exclusive lock while its owner runs here (and is listed, with a list).
+local function renew_lock(listed)
+  local owner = redis.call('GET', k_lock(gpu))
+  if not owner then return end
+  local t = redis.call('HMGET', k_task(owner), 'status', 'gpuId')
+  if t[1] == 'PROCESSING' and t[2] == gpu and (listed == nil or listed[owner]) then
+    redis.call('PEXPIRE', k_lock(gpu), ARGV[4])
+  end
+end
 if n < 0 then
+  renew_lock(nil)
   for _, id in ipairs(redis.call('SMEMBERS', running)) do
     local t = redis.call('HMGET', k_task(id), 'status', 'gpuId')
     if t[1] == 'PROCESSING' and t[2] == gpu then
@@ -43,6 +53,7 @@ for i = 0, n - 1 do
     table.insert(reply, id)
   end
 end
+renew_lock(listed)
 local grace = tonumber(ARGV[5])
 for _, id in ipairs(redis.call('SMEMBERS', running)) do
   if not listed[id] then
@@ -52,7 +63,7 @@ for _, id in ipairs(redis.call('SMEMBERS', running)) do
       redis.call('SREM', running, id)
     elseif tonumber(t[2] or 0) < now - grace then
       redis.call('SREM', running, id)
-      redis.call('ZREM', K_LEASES, id)
+      clear_timers(id)
       retry_or_end(id, tkey, 'FAILED', 'the worker of ' .. gpu .. ' lost attempt ' .. t[4] ..
                    ' (not among its running tasks)', true, tonumber(ARGV[6]),
                    tonumber(ARGV[7]), tonumber(ARGV[8]), now)

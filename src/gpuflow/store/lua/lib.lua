@@ -15,6 +15,12 @@ local K_LEASES = P .. 'leases'
 local K_DELAYED = P .. 'delayed'
 local K_EVENTS = P .. 'events'
 local K_BEATS = P .. 'gpus:beats'
+local K_TIMEOUTS = P .. 'timeouts'
+local K_WARNINGS = P .. 'warnings'
+local K_FINISHED = P .. 'finished'
+local K_LOCKS = P .. 'gpulocks'
+local function k_lock(g) return P .. 'gpulock:' .. g end
+local TERMINAL = {COMPLETED = true, FAILED = true, TIMEOUT = true, CANCELED = true}
 local K_QUEUES = P .. 'queues'
 local GROUP = 'workers'
 
@@ -36,6 +42,45 @@ local function set_status(tkey, id, old, new)
   if old and old ~= new then redis.call('ZREM', k_status(old), id) end
   redis.call('ZADD', k_status(new), score, id)
   redis.call('HSET', tkey, 'status', new)
+  if TERMINAL[new] then redis.call('ZADD', K_FINISHED, now_ms(), id) end
+end
+
+-- The timers of a running attempt: lease, timeout warning, hard timeout; and the GPU's
+-- exclusive lock when this task holds it. Called on every way out of PROCESSING.
+local function clear_timers(id)
+  redis.call('ZREM', K_LEASES, id)
+  redis.call('ZREM', K_TIMEOUTS, id)
+  redis.call('ZREM', K_WARNINGS, id)
+  local gpu = redis.call('HGET', k_task(id), 'gpuId')
+  if gpu and gpu ~= '' and redis.call('GET', k_lock(gpu)) == id then
+    redis.call('DEL', k_lock(gpu))
+    redis.call('ZREM', K_LOCKS, gpu)
+  end
+end
+
+-- Arm them at start: lease at now + lease, warning at now + timeout * fraction (when
+-- 0 < fraction < 1), hard timeout at now + timeout + grace.
+local function arm_timers(id, tkey, now, lease, grace, fraction)
+  local timeout = tonumber(redis.call('HGET', tkey, 'timeout') or 0)
+  redis.call('ZADD', K_LEASES, now + lease, id)
+  if timeout > 0 then
+    redis.call('ZADD', K_TIMEOUTS, now + timeout + grace, id)
+    if fraction > 0 and fraction < 1 then
+      redis.call('ZADD', K_WARNINGS, now + math.floor(timeout * fraction), id)
+    end
+  end
+  redis.call('HSET', tkey, 'leaseDeadline', now + lease)
+end
+
+-- An alert record (the seed's AlertInfo) plus an event.
+local function raise_alert(level, title, message, source)
+  local aid = 'alert_' .. redis.call('INCR', P .. 'alerts:seq')
+  local now = now_ms()
+  redis.call('HSET', P .. 'alert:' .. aid, 'id', aid, 'title', title, 'message', message,
+             'level', level, 'status', 'ACTIVE', 'source', source, 'timestamp', now)
+  redis.call('ZADD', P .. 'alerts', now, aid)
+  emit('alert', '', level, {'alertId', aid, 'title', title})
+  return aid
 end
 
 local function ensure_group(q)
@@ -60,7 +105,7 @@ end
 local function requeue(id, tkey, now, count_retry)
   local gpu = redis.call('HGET', tkey, 'gpuId')
   if gpu and gpu ~= '' then redis.call('SREM', k_running(gpu), id) end
-  redis.call('ZREM', K_LEASES, id)
+  clear_timers(id)
   if count_retry then redis.call('HINCRBY', tkey, 'retryCount', 1) end
   set_status(tkey, id, redis.call('HGET', tkey, 'status'), 'QUEUED')
   redis.call('HSET', tkey, 'updatedAt', now, 'progress', 0, 'progressMessage', '')
@@ -73,6 +118,7 @@ end
 -- outcome. The backoff of retry n is min(cap, base * 2^n) * jitter. Returns the new status.
 local function retry_or_end(id, tkey, outcome, text, retryable, base, cap, jitter, now)
   local r = redis.call('HMGET', tkey, 'retryCount', 'maxRetries')
+  clear_timers(id)
   redis.call('HSET', tkey, 'errorMessage', text, 'updatedAt', now, 'leaseDeadline', '')
   if retryable and tonumber(r[1]) < tonumber(r[2]) then
     local delay = math.floor(math.min(cap, base * 2 ^ tonumber(r[1])) * jitter)

@@ -17,7 +17,7 @@ for _, gpu in ipairs(silent) do
       redis.call('SREM', k_running(gpu), id)
       local tkey = k_task(id)
       if redis.call('HGET', tkey, 'status') == 'PROCESSING' then
-        redis.call('ZREM', K_LEASES, id)
+        clear_timers(id)
         retry_or_end(id, tkey, 'FAILED', 'GPU ' .. gpu .. ' went OFFLINE (missed heartbeats)',
                      true, tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), now)
       end
@@ -25,6 +25,8 @@ for _, gpu in ipairs(silent) do
     -- Looked at once per silence: it returns to the index with its next heartbeat.
     redis.call('ZREM', K_BEATS, gpu)
     emit('gpu_offline', '', st, {'gpuId', gpu})
+    raise_alert('WARNING', 'GPU offline', 'GPU ' .. gpu .. ' missed its heartbeats',
+                'gpu_monitor')
     table.insert(marked, gpu)
   else
     redis.call('ZREM', K_BEATS, gpu)
