@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     retry_on_timeout: bool = Field(
         default=True, description="Retry a timed-out attempt while retries last."
     )
+    retention_s: int = Field(
+        default=7 * 86_400, description="Finished tasks (and alerts) are deleted after this."
+    )
+    idempotency_ttl_s: int = Field(
+        default=86_400, description="How long an Idempotency-Key returns the same task."
+    )
     heartbeat_interval_s: float = Field(default=5.0, description="Worker heartbeat period.")
     claim_wait_max_s: float = Field(default=60.0, description="Longest claim long-poll.")
     events_maxlen: int = Field(default=10_000, description="Length cap of the events stream.")

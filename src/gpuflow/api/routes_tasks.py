@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
 from starlette.responses import Response
 
 from gpuflow.api.deps import Reader, Submitter, SystemDep, WorkerRole, check_task_access
@@ -22,14 +23,29 @@ from gpuflow.api.schemas import (
 from gpuflow.core.apikeys import Role
 from gpuflow.core.errors import Forbidden, InvalidInput
 from gpuflow.core.models import TaskStatus, json_text
-from gpuflow.core.tasks import NewTask
+from gpuflow.core.tasks import Idempotency, NewTask
 
 router = APIRouter(prefix="/api/v2/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
 TaskId = Annotated[str, "task id"]
 
 
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Repeat-safe creation: the same key and body within 24 h returns the "
+        "first task; the same key with another body answers 409.",
+    ),
+]
+
+
 @router.post("", response_model=Envelope[TaskCreated], summary="Create a task")
-async def create_task(body: TaskCreate, system: SystemDep, who: Submitter) -> Response:
+async def create_task(
+    body: TaskCreate, system: SystemDep, who: Submitter, idempotency_key: IdempotencyKey = None
+) -> Response:
     """Queue a task. A `client` key creates tasks for its own user only."""
     user_id = body.userId
     if who.role is Role.CLIENT:
@@ -37,6 +53,10 @@ async def create_task(body: TaskCreate, system: SystemDep, who: Submitter) -> Re
             raise Forbidden(f"a client key of user {who.user_id} cannot create tasks for {user_id}")
         user_id = who.user_id
     payload = "" if body.payload is None else json_text(body.payload)
+    idem = None
+    if idempotency_key is not None:
+        digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+        idem = Idempotency(who.key_id or who.role.value, idempotency_key, digest)
     created = await system.tasks.create(
         NewTask(
             task_type=body.taskType,
@@ -47,7 +67,8 @@ async def create_task(body: TaskCreate, system: SystemDep, who: Submitter) -> Re
             env=body.env,
             max_retries=body.maxRetries,
             timeout=body.timeout,
-        )
+        ),
+        idem,
     )
     return envelope(created)
 

@@ -44,6 +44,7 @@ class Maintenance:
             ("offline", self._offline),
             ("timeouts", self._timeouts),
             ("locks", lambda: scripts.call("sweep_locks")),
+            ("purged", self._purge),
             ("reclaimed", self._reclaim),
         )
         for name, step in steps:
@@ -58,6 +59,11 @@ class Maintenance:
             "check_timeouts", BATCH, *self._retry_args(), 1 if self.settings.retry_on_timeout else 0
         )
         return int(warned) + int(timed_out)
+
+    async def _purge(self) -> int:
+        cutoff = int(time.time() * 1000 - self.settings.retention_s * 1000)
+        tasks, alerts = await self.system.store.scripts.call("purge_finished", cutoff, BATCH)
+        return int(tasks) + int(alerts)
 
     async def _promote(self) -> int:
         return await self.system.tasks.promote_delayed(BATCH)

@@ -20,6 +20,15 @@ FINAL_OUTCOMES = (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.TIMEOUT)
 
 
 @dataclass(frozen=True, slots=True)
+class Idempotency:
+    """An ``Idempotency-Key``: scoped to the caller, bound to a hash of the request body."""
+
+    scope: str
+    key: str
+    body_hash: str
+
+
+@dataclass(frozen=True, slots=True)
 class NewTask:
     task_type: int
     payload: str = ""
@@ -63,7 +72,9 @@ class Tasks:
     def tier_of(self, priority: int) -> Tier:
         return Tier.VIP if priority >= self.settings.vip_priority else Tier.NORMAL
 
-    async def create(self, new: NewTask) -> dict[str, Any]:
+    async def create(self, new: NewTask, idempotency: Idempotency | None = None) -> dict[str, Any]:
+        """Queue a task. With ``idempotency``, a repeat of the same key and request within
+        ``GPUFLOW_IDEMPOTENCY_TTL_S`` returns the first task; another request: Conflict."""
         if len(new.payload.encode()) > self.settings.max_payload_bytes:
             raise PayloadTooLarge(f"payload is larger than {self.settings.max_payload_bytes} bytes")
         task_id = f"task_{uuid.uuid4().hex}"
@@ -85,7 +96,20 @@ class Tasks:
         avg_ms = await self._avg_ms(new.task_type)
         capacity = await self.gpus.capacity(new.task_type, tier)
         flat = [x for kv in fields.items() for x in kv]
-        display, seq, deq = await self.store.scripts.call("create_task", task_id, *flat)
+        idem = (
+            ("", "")
+            if idempotency is None
+            else (self.keys.idem(idempotency.scope, idempotency.key), idempotency.body_hash)
+        )
+        reply = await self.store.scripts.call(
+            "create_task", *idem, self.settings.idempotency_ttl_s, task_id, *flat
+        )
+        if reply[0] == "DUP":
+            first = await self.get(reply[1])
+            return {k: first[k] for k in ("taskId", "displayId", "status", "estimatedWaitTime")}
+        if reply[0] == "CONFLICT":
+            raise Conflict(reply[1])
+        display, seq, deq = reply[1:]
         ahead = int(seq) - int(deq) - 1 + await self._vip_ahead(new.task_type, tier)
         wait = wait_seconds(ahead, capacity, avg_ms)
         await self.store.redis.hset(self.keys.task(task_id), "estimatedWaitTime", wait)

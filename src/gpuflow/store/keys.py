@@ -22,7 +22,7 @@ key                             type     meaning
 ``gpus``                        zset     GPU ids, score = registration time
 ``gpus:beats``                  zset     GPU ids, score = last heartbeat (OFFLINE detection)
 ``queues``                      set      every queue stream (for reclaiming stale entries)
-``tasktype:{t}``                hash     defaults of a task type: name, timeout, maxRetries, exclusive
+``tasktype:{t}``                hash     type defaults: name, timeout, maxRetries, exclusive
 ``tasktypes``                   zset     configured task types
 ``timeouts``                    zset     PROCESSING task ids, score = hard timeout deadline (ms)
 ``warnings``                    zset     PROCESSING task ids, score = timeout warning time (ms)

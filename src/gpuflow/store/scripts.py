@@ -34,6 +34,7 @@ SCRIPT_NAMES = (
     "cancel_task",
     "check_timeouts",
     "sweep_locks",
+    "purge_finished",
 )
 
 

@@ -50,6 +50,7 @@ local function start(tkey, id)
   redis.call('HSET', tkey, 'gpuId', gpu, 'startedAt', now, 'updatedAt', now, 'progress', 0,
              'progressMessage', '', 'streamId', '')
   redis.call('ZADD', P .. 'idx:gpu:' .. gpu, redis.call('HGET', tkey, 'displayId'), id)
+  note_gpu(tkey, gpu)
   arm_timers(id, tkey, now, lease, grace, fraction)
   redis.call('SADD', k_running(gpu), id)
   emit('started', id, 'PROCESSING', {'gpuId', gpu})

@@ -1,14 +1,25 @@
 -- Create a task and queue it.
--- ARGV[3] task id, ARGV[4..] field/value pairs of the task hash (taskType and tier included).
--- Returns {displayId, queueSeq, deq} (deq = entries already taken from that queue).
-local id = ARGV[3]
+-- ARGV[3] idempotency key name ('' = none), ARGV[4] body hash, ARGV[5] its TTL (s),
+-- ARGV[6] task id, ARGV[7..] field/value pairs of the task hash (taskType, tier included).
+-- Returns {'OK', displayId, queueSeq, deq} (deq = entries already taken from that queue),
+-- {'DUP', taskId} for a repeat of the same key and body, {'CONFLICT', why} for another body.
+local idem, body_hash = ARGV[3], ARGV[4]
+if idem ~= '' then
+  local seen = redis.call('GET', idem)
+  if seen then
+    local sep = string.find(seen, ' ', 1, true)
+    if string.sub(seen, sep + 1) == body_hash then return {'DUP', string.sub(seen, 1, sep - 1)} end
+    return {'CONFLICT', 'Idempotency-Key was used with a different request body'}
+  end
+end
+local id = ARGV[6]
 local tkey = k_task(id)
 if redis.call('EXISTS', tkey) == 1 then return redis.error_reply('EXISTS task id taken') end
 local display = redis.call('INCR', P .. 'seq:display')
 local now = now_ms()
 local fields = {'HSET', tkey, 'taskId', id, 'displayId', display, 'status', 'QUEUED',
                 'createdAt', now, 'updatedAt', now, 'attempt', 0, 'retryCount', 0, 'progress', 0}
-for i = 4, #ARGV do table.insert(fields, ARGV[i]) end
+for i = 7, #ARGV do table.insert(fields, ARGV[i]) end
 redis.call(unpack(fields))
 local t = redis.call('HMGET', tkey, 'taskType', 'tier', 'userId')
 redis.call('ZADD', P .. 'idx:all', display, id)
@@ -19,4 +30,8 @@ enqueue(id, tkey)
 emit('created', id, 'QUEUED', {'taskType', t[1]})
 local seq = redis.call('HGET', tkey, 'queueSeq')
 local deq = redis.call('HGET', k_qstat(t[1], t[2]), 'deq') or '0'
-return {display, tonumber(seq), tonumber(deq)}
+if idem ~= '' then
+  redis.call('SET', idem, id .. ' ' .. body_hash, 'EX', ARGV[5])
+  redis.call('HSET', tkey, 'idemKey', idem)
+end
+return {'OK', display, tonumber(seq), tonumber(deq)}

@@ -45,6 +45,15 @@ local function set_status(tkey, id, old, new)
   if TERMINAL[new] then redis.call('ZADD', K_FINISHED, now_ms(), id) end
 end
 
+-- Remember every GPU a task ran on (its idx:gpu entries), for retention to clean up.
+local function note_gpu(tkey, gpu)
+  local ran = redis.call('HGET', tkey, 'ranOn') or ''
+  if not string.find(',' .. ran .. ',', ',' .. gpu .. ',', 1, true) then
+    if ran == '' then ran = gpu else ran = ran .. ',' .. gpu end
+    redis.call('HSET', tkey, 'ranOn', ran)
+  end
+end
+
 -- The timers of a running attempt: lease, timeout warning, hard timeout; and the GPU's
 -- exclusive lock when this task holds it. Called on every way out of PROCESSING.
 local function clear_timers(id)

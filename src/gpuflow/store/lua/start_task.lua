@@ -19,6 +19,7 @@ set_status(tkey, id, 'QUEUED', 'PROCESSING')
 redis.call('HSET', tkey, 'gpuId', gpu, 'startedAt', now, 'updatedAt', now, 'progress', 0,
            'progressMessage', ARGV[6], 'streamId', '')
 redis.call('ZADD', P .. 'idx:gpu:' .. gpu, redis.call('HGET', tkey, 'displayId'), id)
+note_gpu(tkey, gpu)
 arm_timers(id, tkey, now, tonumber(ARGV[5]), tonumber(ARGV[7]), tonumber(ARGV[8]))
 redis.call('SADD', k_running(gpu), id)
 emit('started', id, 'PROCESSING', {'gpuId', gpu})
