@@ -9,6 +9,9 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -39,6 +42,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (404, "Unknown id"),
         (409, "Conflict: wrong state, stale attempt or duplicate report"),
         (413, "Payload too large"),
+        (503, "Redis is unavailable (Retry-After: 1)"),
     )
 }
 
@@ -79,6 +83,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
         return error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    @app.exception_handler(BusyLoadingError)
+    async def _redis_down(_: Request, exc: Exception) -> Response:
+        log.warning("Redis unavailable: %s", exc)
+        return error(503, "Redis is unavailable; retry shortly", {"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
