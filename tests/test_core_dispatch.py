@@ -109,3 +109,15 @@ async def test_unknown_ids(services: Services) -> None:
         await services.gpus.heartbeat("nope")
     with pytest.raises(NotFound):
         await services.dispatch.claim("nope")
+
+
+async def test_a_resent_create_script_answers_the_same_task(services: Services) -> None:
+    """redis-py resends a command after a dropped connection; the task id makes it safe."""
+    s = services
+    fields = ["taskType", 1, "tier", "NORMAL", "payload", "x", "maxRetries", 0, "timeout", 1000]
+    first = await s.store.scripts.call("create_task", "", "", 60, "task_same", *fields)
+    again = await s.store.scripts.call("create_task", "", "", 60, "task_same", *fields)
+    assert first == again and first[0] == "OK"
+    _, total = await s.tasks.list()
+    assert total == 1
+    assert await s.store.redis.xlen(s.store.keys.queue(1, "NORMAL")) == 1

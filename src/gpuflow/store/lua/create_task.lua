@@ -14,7 +14,12 @@ if idem ~= '' then
 end
 local id = ARGV[6]
 local tkey = k_task(id)
-if redis.call('EXISTS', tkey) == 1 then return redis.error_reply('EXISTS task id taken') end
+if redis.call('EXISTS', tkey) == 1 then
+  -- The same call resent by the client after a dropped connection (the id is per request).
+  local t = redis.call('HMGET', tkey, 'displayId', 'queueSeq', 'taskType', 'tier')
+  local deq = redis.call('HGET', k_qstat(t[3], t[4]), 'deq') or '0'
+  return {'OK', tonumber(t[1]), tonumber(t[2] or 0), tonumber(deq)}
+end
 local display = redis.call('INCR', P .. 'seq:display')
 local now = now_ms()
 local fields = {'HSET', tkey, 'taskId', id, 'displayId', display, 'status', 'QUEUED',
