@@ -8,6 +8,7 @@ payload, and say their pid through progress messages.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -65,3 +66,40 @@ def picky(payload: dict[str, Any], ctx: TaskContext) -> str:
     if ctx.attempt < payload.get("ok_from", 99):
         raise ValueError(f"flaky on attempt {ctx.attempt}")
     return f"ok on attempt {ctx.attempt}"
+
+
+@worker.handler(16)
+def freeze(payload: Any, ctx: TaskContext) -> str:
+    """Says its pid, then stops its own process (SIGSTOP) until the test continues it: a
+    handler stuck in a call that never gives the process back."""
+    ctx.progress(1, f"pid {os.getpid()}")
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return f"thawed on attempt {ctx.attempt}"
+
+
+@worker.handler(17)
+def cooperative(payload: Any, ctx: TaskContext) -> str:
+    """Says its pid, then works in small steps until asked to stop (bounded: 30 s)."""
+    ctx.progress(1, f"pid {os.getpid()}")
+    deadline = time.monotonic() + 30
+    while not ctx.should_stop() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return "stopped when asked" if ctx.stop_requested else "never asked"
+
+
+@worker.handler(18)
+def gated(payload: dict[str, Any], ctx: TaskContext) -> str:
+    """Says its pid, waits for the file ``gate`` (bounded: 30 s), writes ``finished``."""
+    ctx.progress(1, f"pid {os.getpid()}")
+    here = Path(payload["dir"])
+    deadline = time.monotonic() + 30
+    while not (here / "gate").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (here / "finished").touch()
+    return f"through on attempt {ctx.attempt}"
+
+
+#: Same blocking handler; asked to stop, it gets StopRequested (SIGUSR1 in its process).
+interrupting = Worker(
+    {13: block}, ref="tests.test_worker_handlers:interrupting", interrupt_on_stop=True
+)

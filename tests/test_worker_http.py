@@ -98,7 +98,7 @@ async def test_http_errors_map_to_transport_errors(
     services: Services, http: HttpTransport, api_server: ApiServer
 ) -> None:
     with pytest.raises(NodeUnknown):
-        await http.heartbeat("no-such-gpu")
+        await http.heartbeat("no-such-gpu", {})
     with pytest.raises(NodeUnknown):
         await http.claim("no-such-gpu", 0)
     node = NodeSpec(f"e{uuid.uuid4().hex[:6]}", [31])
@@ -106,6 +106,9 @@ async def test_http_errors_map_to_transport_errors(
     task_id = await create(services.tasks, 31, "x")
     (claimed,) = await http.claim(node.gpu_id, 1.0)
     assert (claimed.task_id, claimed.attempt, claimed.payload) == (task_id, 1, "x")
+    # The heartbeat lists what the node runs; an attempt the server moved on from is to stop.
+    assert await http.heartbeat(node.gpu_id, {task_id: 1}) == []
+    assert await http.heartbeat(node.gpu_id, {task_id: 7}) == [task_id]
     stale = ClaimedTask(task_id, 31, 7, node.gpu_id, "x")
     with pytest.raises(StaleAttempt):
         await http.progress(stale, 10, None)
@@ -117,13 +120,13 @@ async def test_http_errors_map_to_transport_errors(
     bad_key = HttpTransport(api_server.url, "wrong-key")
     try:
         with pytest.raises(TransportRejected):
-            await bad_key.heartbeat(node.gpu_id)
+            await bad_key.heartbeat(node.gpu_id, {})
     finally:
         await bad_key.close()
     nowhere = HttpTransport("http://127.0.0.1:9", "k", timeout_s=2)
     try:
         with pytest.raises(TransportError):
-            await nowhere.heartbeat(node.gpu_id)
+            await nowhere.heartbeat(node.gpu_id, {})
     finally:
         await nowhere.close()
     assert (await services.tasks.get(task_id))["result"] == "on time"

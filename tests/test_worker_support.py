@@ -5,8 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+from gpuflow.config import Settings
+from gpuflow.core.cluster import new_instance_id
+from gpuflow.core.leader import Leadership
+from gpuflow.core.loops import Maintenance
+from gpuflow.core.system import System
 from gpuflow.core.tasks import NewTask, Tasks
 from gpuflow.store import Store
 from gpuflow.worker import Agent
@@ -72,3 +78,63 @@ async def running(agent: Agent, grace_s: float = 5.0) -> AsyncIterator[Agent]:
         yield agent
     finally:
         await agent.stop(grace_s)
+
+
+def fast_settings(namespace: str, tmp_path: Path, **kw: Any) -> Settings:
+    """Settings with short leases and heartbeats, for the reliability tests."""
+    kw = {
+        "lease_ms": 600,
+        "heartbeat_interval_s": 0.1,
+        "maintenance_interval_s": 0.05,
+        "leader_lease_ms": 1000,
+        "retry_base_ms": 0,
+        **kw,
+    }
+    return Settings(
+        namespace=namespace,
+        data_dir=tmp_path / "data",
+        admin_key="test-admin-key",
+        _env_file=None,  # type: ignore[call-arg]
+        **kw,
+    )
+
+
+@asynccontextmanager
+async def own_store(url: str, settings: Settings) -> AsyncIterator[Store]:
+    """A store over ``url`` whose namespace is deleted afterwards (as conftest's ``store``)."""
+    store = Store.connect(url, settings)
+    try:
+        yield store
+    finally:
+        keys = [k async for k in store.redis.scan_iter(match=f"{settings.namespace}*")]
+        for i in range(0, len(keys), 500):
+            await store.redis.delete(*keys[i : i + 500])
+        await store.close()
+
+
+@asynccontextmanager
+async def leader_loops(url: str, settings: Settings) -> AsyncIterator[System]:
+    """The leader's maintenance (leases, retries, OFFLINE) running as in an api process."""
+    system = System.connect(url, settings)
+    leadership = Leadership(system.store, new_instance_id("test"))
+    stop = asyncio.Event()
+    loops = [
+        asyncio.create_task(leadership.run(stop)),
+        asyncio.create_task(Maintenance(system, leadership).run(stop)),
+    ]
+    try:
+        yield system
+    finally:
+        stop.set()
+        await asyncio.gather(*loops)
+        await system.close()
+
+
+async def wait_for(check: Callable[[], bool], within_s: float = 10.0, what: str = "") -> None:
+    """Poll a condition nothing signals (a process state, a file), bounded."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"still waiting for {what or check}")
+        await asyncio.sleep(0.01)

@@ -3,6 +3,7 @@
 Public API::
 
     from gpuflow.worker import Worker, TaskContext, NonRetryableError   # write handlers
+    from gpuflow.worker import StopRequested                            # (interrupt_on_stop)
     from gpuflow.worker import Agent, run_worker, detect_nodes          # run them
     from gpuflow.worker.redis_transport import RedisTransport           # join through Redis
     from gpuflow.worker.http_transport import HttpTransport             # or through HTTP
@@ -13,7 +14,13 @@ this package, do not pay for importing redis-py or httpx.
 
 from gpuflow.worker.agent import Agent, run_worker
 from gpuflow.worker.detect import detect_nodes
-from gpuflow.worker.sdk import NonRetryableError, TaskContext, Worker, load_worker
+from gpuflow.worker.sdk import (
+    NonRetryableError,
+    StopRequested,
+    TaskContext,
+    Worker,
+    load_worker,
+)
 from gpuflow.worker.transport import (
     ClaimedTask,
     NodeSpec,
@@ -31,6 +38,7 @@ __all__ = [
     "NodeUnknown",
     "NonRetryableError",
     "StaleAttempt",
+    "StopRequested",
     "TaskContext",
     "Transport",
     "TransportError",

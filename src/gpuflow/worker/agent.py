@@ -4,6 +4,11 @@ Each node (:mod:`gpuflow.worker.node`) registers, heartbeats, claims into its fr
 runs what it claims. Stopping (:meth:`Agent.stop`, or setting the ``stop`` event given to
 :meth:`Agent.run`) stops claiming, lets running tasks finish for ``grace_s`` seconds, then
 kills what still runs and releases those tasks back to their queue without counting a failure.
+
+A task past its ``timeout``, or one the server says to stop, is asked to stop and killed
+``stop_grace_s`` later (default ``GPUFLOW_TIMEOUT_GRACE_MS``); see
+:mod:`gpuflow.worker.supervise`. Through Redis the agent also publishes itself as a cluster
+instance (role ``WORKER``) while it runs.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class Agent:
         heartbeat_interval_s: float | None = None,
         claim_wait_s: float | None = None,
         executor_start_timeout_s: float = 300.0,
+        stop_grace_s: float | None = None,
     ) -> None:
         if not nodes:
             raise ValueError("an agent needs at least one node")
@@ -46,6 +52,8 @@ class Agent:
         from gpuflow.config import get_settings
 
         settings = get_settings()
+        if stop_grace_s is None:  # the setting is new: tolerate a Settings without it
+            stop_grace_s = getattr(settings, "timeout_grace_ms", 10_000) / 1000.0
         self.worker = worker
         self.transport = transport
         self.specs = list(nodes)
@@ -54,6 +62,8 @@ class Agent:
             claim_wait_s=claim_wait_s or min(settings.claim_wait_max_s, 10.0),
             grace_s=grace_s,
             executor_start_timeout_s=executor_start_timeout_s,
+            stop_grace_s=stop_grace_s,
+            interrupt_on_stop=worker.interrupt_on_stop,
         )
         self.ready = asyncio.Event()
         self._hurry = asyncio.Event()
@@ -78,6 +88,7 @@ class Agent:
                 if not await node.register(stop):
                     return
             loops = [asyncio.create_task(n.heartbeat_loop(done)) for n in nodes]
+            loops.append(asyncio.create_task(self.transport.presence(done)))
             claims = [asyncio.create_task(n.claim_loop(stop)) for n in nodes]
             self.ready.set()
             await stop.wait()

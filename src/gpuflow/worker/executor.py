@@ -5,11 +5,16 @@
   handlers are imported. The child runs one task at a time and is reused, so whatever the
   handler module loads stays loaded. Messages travel over a duplex pipe that the agent reads
   from its event loop (``add_reader``, no thread): ``ready`` once the handlers are imported,
-  ``progress`` any number of times, ``done`` with the outcome. When the child dies the pipe
-  reaches EOF, the running task gets a retryable failure and the agent starts a new child.
+  ``progress`` any number of times, ``done`` with the outcome. In the child a reader thread
+  takes the agent's messages, so that a ``stop`` reaches a running handler: it sets the
+  handler's ``ctx.should_stop()`` flag and, with ``interrupt_on_stop``, raises
+  :class:`StopRequested` in the child's main thread (``SIGUSR1``). When the child dies the
+  pipe reaches EOF and the running task gets a retryable failure; when the agent dies the
+  child exits at once (a handler of a lost agent would only hold the GPU).
 * :func:`run_in_loop` — async handlers, awaited in the agent's event loop.
 
-Both enforce the task's timeout (hard timeout: the child is killed, the coroutine cancelled).
+Neither enforces a timeout: the node does (:mod:`gpuflow.worker.supervise`), asking the
+handler to stop, then killing the child (:meth:`ProcessExecutor.kill`) after the grace.
 """
 
 from __future__ import annotations
@@ -20,17 +25,20 @@ import logging
 import multiprocessing
 import os
 import pickle
+import queue
 import signal
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from types import FrameType
 from typing import Any
 
 from gpuflow.core.models import parse_json_or_text
 from gpuflow.worker.sdk import (
     Handler,
     Outcome,
+    StopRequested,
     TaskContext,
     Worker,
     load_worker,
@@ -44,6 +52,7 @@ from gpuflow.worker.transport import ClaimedTask
 log = logging.getLogger("gpuflow.worker")
 
 ProgressSink = Callable[[int, str | None], None]
+INTERRUPT_SIGNAL = signal.SIGUSR1
 
 
 class ExecutorError(RuntimeError):
@@ -71,8 +80,111 @@ def _load_handlers(source: str | bytes) -> dict[int, Handler]:
     return handlers
 
 
+class _Child:
+    """State of a child process shared by its main thread (running handlers) and its reader
+    thread (taking the agent's messages)."""
+
+    def __init__(self, conn: Connection, interrupt: bool) -> None:
+        self.conn = conn
+        self.interrupt = interrupt
+        self.inbox: queue.SimpleQueue[ClaimedTask | None] = queue.SimpleQueue()
+        self.lock = threading.Lock()  # never taken in the signal handler
+        self.send_lock = threading.Lock()
+        self.current: tuple[str, threading.Event] | None = None
+        self.armed = False  # the main thread is inside a handler: an interrupt may raise
+        self.main_ident = threading.get_ident()
+
+    def send(self, *msg: Any) -> None:
+        with self.send_lock:
+            self.conn.send(msg)
+
+    def read(self) -> None:
+        """Reader thread: tasks go to the inbox, stops to the running handler."""
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):  # the agent is gone
+                with self.lock:
+                    if self.current is not None:
+                        os._exit(1)
+                self.inbox.put(None)
+                return
+            if msg[0] == "run":
+                self.inbox.put(msg[1])
+            elif msg[0] == "stop":
+                self.stop(msg[1])
+            else:
+                self.inbox.put(None)
+                return
+
+    def stop(self, task_id: str) -> None:
+        with self.lock:
+            if self.current is None or self.current[0] != task_id:
+                return  # finished meanwhile
+            self.current[1].set()
+            if self.armed:
+                signal.pthread_kill(self.main_ident, INTERRUPT_SIGNAL)
+
+    def on_interrupt(self, signum: int, frame: FrameType | None) -> None:
+        if self.armed:
+            self.armed = False
+            raise StopRequested("the agent asked the handler to stop")
+
+    def call(self, fn: Handler, task: ClaimedTask, ctx: TaskContext) -> Outcome:
+        try:
+            try:
+                self.armed = self.interrupt
+                if ctx.should_stop():  # asked before it even started
+                    self.armed = False
+                    raise StopRequested("stopped before it started")
+                return run_sync(fn, task, ctx)
+            finally:
+                self.armed = False
+        except StopRequested as exc:
+            return Outcome(False, f"stopped: {exc}", retryable=True)
+
+    def report(self, percent: int, message: str | None) -> None:
+        """A handler's progress. In the main thread the interrupt is held off while the
+        message is written (a half-written message would break the pipe), then delivered."""
+        if threading.get_ident() != self.main_ident:
+            self.send("progress", percent, message)
+            return
+        armed, self.armed = self.armed, False
+        try:
+            self.send("progress", percent, message)
+        finally:
+            self.armed = armed
+        with self.lock:
+            asked = self.current is not None and self.current[1].is_set()
+        if armed and asked:
+            self.armed = False
+            raise StopRequested("the agent asked the handler to stop")
+
+    def serve(self, handlers: dict[int, Handler], gpu_index: int | None) -> None:
+        while True:
+            task = self.inbox.get()
+            if task is None:
+                return
+            fn = handlers.get(task.task_type)
+            flag = threading.Event()
+            ctx = TaskContext.for_task(task, self.report, gpu_index, flag)
+            with self.lock:
+                self.current = (task.task_id, flag)
+            if fn is None:
+                outcome = Outcome(False, f"no sync handler for task type {task.task_type}")
+            else:
+                outcome = self.call(fn, task, ctx)
+            with self.lock:
+                self.current = None
+            self.send("done", outcome.ok, outcome.text, outcome.retryable)
+
+
 def _child_main(
-    conn: Connection, source: str | bytes, env: dict[str, str], gpu_index: int | None
+    conn: Connection,
+    source: str | bytes,
+    env: dict[str, str],
+    gpu_index: int | None,
+    interrupt: bool = False,
 ) -> None:
     """Entry point of a child: pin the GPU, import the handlers, then serve tasks forever."""
     os.environ.update(env)
@@ -83,38 +195,12 @@ def _child_main(
     except BaseException as exc:
         conn.send(("fatal", f"{type(exc).__name__}: {exc}"))
         return
-    lock = threading.Lock()
-
-    def report(percent: int, message: str | None) -> None:
-        with lock:
-            conn.send(("progress", percent, message))
-
-    conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:  # the agent is gone
-            return
-        if msg[0] != "run":
-            return
-        task: ClaimedTask = msg[1]
-        fn = handlers.get(task.task_type)
-        if fn is None:
-            outcome = Outcome(False, f"no sync handler for task type {task.task_type}")
-        else:
-            outcome = run_sync(fn, task, TaskContext.for_task(task, report, gpu_index))
-        with lock:
-            conn.send(("done", outcome.ok, outcome.text, outcome.retryable))
-
-
-def _timeout_s(task: ClaimedTask) -> float | None:
-    return task.timeout_ms / 1000.0 if task.timeout_ms > 0 else None
-
-
-def _timed_out(task: ClaimedTask, what: str) -> Outcome:
-    return Outcome(
-        False, f"timed out after {task.timeout_ms} ms; {what}", retryable=True, timed_out=True
-    )
+    child = _Child(conn, interrupt)
+    if interrupt:
+        signal.signal(INTERRUPT_SIGNAL, child.on_interrupt)
+    child.send("ready", os.getpid())
+    threading.Thread(target=child.read, name="gpuflow-agent-reader", daemon=True).start()
+    child.serve(handlers, gpu_index)
 
 
 class ProcessExecutor:
@@ -127,11 +213,13 @@ class ProcessExecutor:
         gpu_index: int | None = None,
         name: str = "gpuflow-executor",
         start_timeout_s: float = 300.0,
+        interrupt: bool = False,
     ) -> None:
         self.source = source
         self.gpu_index = gpu_index
         self.name = name
         self.start_timeout_s = start_timeout_s
+        self.interrupt = interrupt
         self.pid: int | None = None
         self._proc: BaseProcess | None = None
         self._conn: Connection | None = None
@@ -149,7 +237,9 @@ class ProcessExecutor:
         if self.gpu_index is not None:  # NVML numbers GPUs in PCI bus order; make CUDA agree
             env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": str(self.gpu_index)}
         proc = ctx.Process(
-            target=_child_main, args=(child, self.source, env, self.gpu_index), name=self.name
+            target=_child_main,
+            args=(child, self.source, env, self.gpu_index, self.interrupt),
+            name=self.name,
         )
         proc.start()
         child.close()
@@ -178,13 +268,14 @@ class ProcessExecutor:
                 self._inbox.put_nowait(conn.recv())
         except (EOFError, OSError):
             self._detach()
-            self._inbox.put_nowait(None)
 
     def _detach(self) -> None:
+        """Stop reading the child; a run waiting for its outcome sees EOF."""
         if self._conn is not None:
             asyncio.get_running_loop().remove_reader(self._conn.fileno())
             self._conn.close()
             self._conn = None
+            self._inbox.put_nowait(None)
 
     async def _reap(self, wait_s: float = 5.0) -> int | None:
         proc = self._proc
@@ -194,32 +285,33 @@ class ProcessExecutor:
         return proc.exitcode
 
     async def run(self, task: ClaimedTask, on_progress: ProgressSink) -> Outcome:
-        """Run one task in the child; a dead child or a timeout gives a failed outcome."""
+        """Run one task in the child until it ends; a dead (or killed) child gives a
+        retryable failure. Cancelling the run kills the child."""
         if self._conn is None:
             return await self._died()
         try:
             self._conn.send(("run", task))
         except OSError:
             return await self._died()
-        cm = asyncio.timeout(_timeout_s(task))
         try:
-            async with cm:
-                while True:
-                    msg = await self._inbox.get()
-                    if msg is None:
-                        return await self._died()
-                    if msg[0] == "progress":
-                        on_progress(msg[1], msg[2])
-                    elif msg[0] == "done":
-                        return Outcome(bool(msg[1]), str(msg[2]), retryable=bool(msg[3]))
-        except TimeoutError:
-            if not cm.expired():
-                raise
-            await self.kill()
-            return _timed_out(task, f"executor process {self.pid} killed")
+            while True:
+                msg = await self._inbox.get()
+                if msg is None:
+                    return await self._died()
+                if msg[0] == "progress":
+                    on_progress(msg[1], msg[2])
+                elif msg[0] == "done":
+                    return Outcome(bool(msg[1]), str(msg[2]), retryable=bool(msg[3]))
         except asyncio.CancelledError:
             await self.kill()
             raise
+
+    def request_stop(self, task_id: str) -> None:
+        """Ask the handler running ``task_id`` to stop (soft): its ``ctx.should_stop()``
+        turns true, and with ``interrupt`` it gets :class:`StopRequested`."""
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.send(("stop", task_id))
 
     async def _died(self) -> Outcome:
         self._detach()
@@ -240,7 +332,7 @@ class ProcessExecutor:
         """Ask the child to exit; kill it when it does not within ``wait_s``."""
         if self._conn is not None:
             with contextlib.suppress(OSError):
-                self._conn.send(("stop",))
+                self._conn.send(("exit",))
         self._detach()
         await self._reap(wait_s)
         await self.kill()
@@ -251,15 +343,9 @@ class ProcessExecutor:
 
 
 async def run_in_loop(fn: Handler, task: ClaimedTask, ctx: TaskContext) -> Outcome:
-    """Await an async handler in this event loop, with the task's timeout."""
-    cm = asyncio.timeout(_timeout_s(task))
+    """Await an async handler in this event loop (cancel it to stop it)."""
     try:
-        async with cm:
-            value = await fn(parse_json_or_text(task.payload), ctx)
-    except TimeoutError as exc:
-        if cm.expired():
-            return _timed_out(task, "handler cancelled")
-        return outcome_of_error(exc)
+        value = await fn(parse_json_or_text(task.payload), ctx)
     except Exception as exc:
         log_failure(task, exc)
         return outcome_of_error(exc)

@@ -9,6 +9,8 @@ here: the agent decides (heartbeat and claim with backoff, fenced reports a few 
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -103,8 +105,15 @@ class HttpTransport:
         }
         await self._post("/api/v2/gpus/register", body, node=True)
 
-    async def heartbeat(self, gpu_id: str) -> None:
-        await self._post(f"/api/v2/gpus/{_seg(gpu_id)}/heartbeat", node=True)
+    async def heartbeat(self, gpu_id: str, running: Mapping[str, int]) -> list[str]:
+        body = {"running": [{"taskId": t, "attempt": a} for t, a in running.items()]}
+        data = await self._post(f"/api/v2/gpus/{_seg(gpu_id)}/heartbeat", body, node=True)
+        if isinstance(data, dict):  # a server without the running list answers a string
+            return [str(t) for t in data.get("stop") or []]
+        return []
+
+    async def presence(self, stop: asyncio.Event) -> None:
+        return None
 
     async def claim(
         self, gpu_id: str, wait_s: float, *, recover: bool = False

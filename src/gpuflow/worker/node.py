@@ -2,15 +2,25 @@
 
 * **executors** are started first (one child process per slot when the node serves a sync
   handler), so models are loaded before the node takes work;
-* **register**, then a **heartbeat** loop every ``heartbeat_interval_s``, run by the agent and
-  never by a handler process, kept going while the node drains;
+* **register**, then a **heartbeat** loop every ``heartbeat_interval_s``, run by the agent
+  and never by a handler process (a handler stuck in a C call cannot stop it), kept going
+  while the node drains and while the system is unreachable (with backoff). Each heartbeat
+  lists the tasks the node runs (task id → attempt): the server renews their leases,
+  requeues the node's tasks it does not list (lost), and answers which listed ones to stop
+  (canceled, timed out or moved on by the server); the node stops those (soft, then hard)
+  and reports nothing for them. A stopped task's end triggers a heartbeat at once, which
+  frees its slot;
 * a **claim** loop that calls ``transport.claim(gpu_id, wait_s)`` only while the node has a
   free slot, so it never runs more than ``max_concurrent_tasks`` at once. The first claim
-  (and the first one after a failed claim, once the node is idle) passes ``recover=True``;
-* each task runs in a slot; progress is forwarded in the background (latest value wins),
-  then the outcome is reported with the task's attempt. A report refused as stale
-  (:class:`StaleAttempt`) is logged and dropped. Reports are retried a few times on transport
-  errors: the attempt fences them, so a repeat lands once or is refused;
+  (and the first one after a failed claim, once the node is idle) passes ``recover=True``.
+  A failed claim is retried with backoff for as long as it takes (a restarted Redis or API);
+* each task runs in a slot under :func:`~gpuflow.worker.supervise.supervise` (its timeout:
+  soft stop, then hard after ``stop_grace_s``); progress is forwarded in the background
+  (latest value wins), then the outcome is reported with the task's attempt. A report
+  refused as stale (:class:`StaleAttempt`) is logged and dropped. Reports are retried on
+  transport errors for up to ``REPORT_PATIENCE_S`` (the task stays listed in heartbeats
+  meanwhile, so its lease holds): the attempt fences them, so a repeat lands once or is
+  refused;
 * draining stops claiming, waits up to the grace period for running tasks, then kills what
   still runs and releases those tasks back to their queue without counting a failure.
 """
@@ -19,12 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from gpuflow.worker.aio import Backoff, ProgressPump, cancel_and_wait, sleep_unless
 from gpuflow.worker.executor import ProcessExecutor, run_in_loop
 from gpuflow.worker.sdk import Handler, Outcome, TaskContext, Worker, is_async_handler
+from gpuflow.worker.supervise import Job, supervise
 from gpuflow.worker.transport import (
     ClaimedTask,
     NodeSpec,
@@ -37,7 +48,7 @@ from gpuflow.worker.transport import (
 
 log = logging.getLogger("gpuflow.worker")
 
-REPORT_TRIES = 5
+REPORT_PATIENCE_S = 60.0
 
 
 @dataclass(slots=True)
@@ -46,6 +57,10 @@ class AgentOptions:
     claim_wait_s: float
     grace_s: float = 30.0
     executor_start_timeout_s: float = 300.0
+    #: Between the soft stop of a handler (timeout, cancel) and the kill of its process.
+    stop_grace_s: float = 10.0
+    #: Sync handlers get StopRequested when asked to stop (Worker.interrupt_on_stop).
+    interrupt_on_stop: bool = False
 
 
 class Node:
@@ -60,10 +75,11 @@ class Node:
         self.opts = opts
         self.slots = max(1, spec.max_concurrent_tasks)
         self.busy = 0
-        self.running: dict[tuple[str, int], tuple[asyncio.Task[None], ClaimedTask]] = {}
+        self.jobs: dict[tuple[str, int], Job] = {}
         self.idle: list[ProcessExecutor] = []
         self.executors: list[ProcessExecutor] = []
         self.wake = asyncio.Event()
+        self.beat_now = asyncio.Event()
         self.stopping = False
         self.need_recover = True
         self._background: set[asyncio.Task[None]] = set()
@@ -81,6 +97,7 @@ class Node:
                 gpu_index=self.spec.gpu_index,
                 name=f"gpuflow-{self.gpu_id}-slot{i}",
                 start_timeout_s=self.opts.executor_start_timeout_s,
+                interrupt=self.opts.interrupt_on_stop,
             )
             for i in range(self.slots)
         ]
@@ -104,17 +121,33 @@ class Node:
             return True
         return False
 
+    def running(self) -> dict[str, int]:
+        """What the node runs, as the heartbeat lists it: task id → attempt."""
+        jobs = sorted(self.jobs.values(), key=lambda j: j.task.attempt)
+        return {job.task.task_id: job.task.attempt for job in jobs}
+
     async def heartbeat_loop(self, done: asyncio.Event) -> None:
         backoff = Backoff(cap=self.opts.heartbeat_interval_s)
         delay = self.opts.heartbeat_interval_s
-        while not await sleep_unless(done, delay):
+        while not await self._next_beat(done, delay):
             delay = await self._beat(done, backoff)
+
+    async def _next_beat(self, done: asyncio.Event, delay: float) -> bool:
+        """Wait ``delay`` or until a beat is wanted now; returns whether ``done`` is set."""
+        waiters = {asyncio.ensure_future(done.wait()), asyncio.ensure_future(self.beat_now.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        self.beat_now.clear()
+        return done.is_set()
 
     async def _beat(self, done: asyncio.Event, backoff: Backoff) -> float:
         """One heartbeat; returns the delay until the next (shorter after a failure)."""
         try:
             try:
-                await self.transport.heartbeat(self.gpu_id)
+                self._stop_tasks(await self.transport.heartbeat(self.gpu_id, self.running()))
             except NodeUnknown:
                 log.warning("%s: unknown to the system, registering again", self.gpu_id)
                 await self.register(done)
@@ -127,9 +160,16 @@ class Node:
         backoff.reset()
         return self.opts.heartbeat_interval_s
 
+    def _stop_tasks(self, task_ids: Iterable[str]) -> None:
+        """The server said stop: stop these tasks' handlers (soft, then hard)."""
+        wanted = set(task_ids)
+        for job in list(self.jobs.values()):
+            if job.task.task_id in wanted and job.request_stop():
+                log.info("%s: stopping %s (the server said so)", self.gpu_id, job.task.task_id)
+
     async def claim_loop(self, stop: asyncio.Event) -> None:
         self.need_recover = True
-        backoff = Backoff()
+        backoff = Backoff(cap=5.0)
         while not stop.is_set():
             if self.busy >= self.slots:
                 self.wake.clear()
@@ -190,57 +230,59 @@ class Node:
 
     def _launch(self, task: ClaimedTask) -> None:
         fn = self.worker.handlers.get(task.task_type)
-        executor: ProcessExecutor | None = None
         sync = fn is not None and not is_async_handler(fn)
         if self.busy >= self.slots or self.stopping or (sync and not self.idle):
             log.warning("%s: no free slot for %s, releasing it", self.gpu_id, task.task_id)
             self._in_background(self.release(task))
             return
-        if sync:
-            executor = self.idle.pop()
+        job = Job(task, self.idle.pop() if sync else None)
         self.busy += 1
-        runner = asyncio.create_task(self._run(task, fn, executor), name=f"task-{task.task_id}")
-        self.running[task.task_id, task.attempt] = (runner, task)
+        job.runner = asyncio.create_task(self._run(job, fn), name=f"task-{task.task_id}")
+        self.jobs[task.task_id, task.attempt] = job
 
-    async def _run(
-        self, task: ClaimedTask, fn: Handler | None, executor: ProcessExecutor | None
-    ) -> None:
+    async def _run(self, job: Job, fn: Handler | None) -> None:
+        task, executor = job.task, job.executor
         pump = ProgressPump(lambda p, m: self._progress(task, p, m))
         try:
             try:
-                outcome = await self._execute(task, fn, executor, pump)
+                outcome = await self._execute(job, fn, pump)
             except Exception as exc:  # the agent's own failure, not the handler's
                 log.exception("%s: running %s failed", self.gpu_id, task.task_id)
                 outcome = Outcome(False, f"worker error: {exc}")
+            job.reporting = True
             await pump.close()
-            await self._report(task, outcome)
+            if outcome is not None:
+                await self._report(task, outcome)
+            self.jobs.pop((task.task_id, task.attempt), None)
+            if outcome is None:
+                log.info("%s: stopped %s; not reporting it", self.gpu_id, task.task_id)
+                self.beat_now.set()  # no longer listed: the server frees the slot at once
             if executor is not None and not executor.alive:
                 await self._restart(executor)
         except asyncio.CancelledError:
             pump.cancel()
             raise
         finally:
-            self.running.pop((task.task_id, task.attempt), None)
+            self.jobs.pop((task.task_id, task.attempt), None)
             if executor is not None:
                 self.idle.append(executor)
             self.busy -= 1
             self.wake.set()
 
-    async def _execute(
-        self,
-        task: ClaimedTask,
-        fn: Handler | None,
-        executor: ProcessExecutor | None,
-        pump: ProgressPump,
-    ) -> Outcome:
+    async def _execute(self, job: Job, fn: Handler | None, pump: ProgressPump) -> Outcome | None:
+        """Run the handler under its timeout and the server's stop; None if stopped."""
+        task, executor = job.task, job.executor
         if fn is None:
             return Outcome(False, f"no handler for task type {task.task_type}")
+        work: asyncio.Future[Outcome]
         if executor is None:
-            ctx = TaskContext.for_task(task, pump.push, self.spec.gpu_index)
-            return await run_in_loop(fn, task, ctx)
-        if not executor.alive:  # died while idle
-            await self._restart(executor)
-        return await executor.run(task, pump.push)
+            ctx = TaskContext.for_task(task, pump.push, self.spec.gpu_index, job.flag)
+            work = asyncio.ensure_future(run_in_loop(fn, task, ctx))
+        else:
+            if not executor.alive:  # died while idle
+                await self._restart(executor)
+            work = asyncio.ensure_future(executor.run(task, pump.push))
+        return await supervise(job, work, self.opts.stop_grace_s)
 
     async def _restart(self, executor: ProcessExecutor) -> None:
         """Start a dead executor again, retrying with backoff (until the node stops)."""
@@ -287,9 +329,12 @@ class Node:
     async def _with_retries(
         self, task: ClaimedTask, what: str, call: Callable[[], Awaitable[None]]
     ) -> TransportRejected | None:
-        """Make a fenced call, retrying transport errors; returns the refusal, if refused."""
-        backoff = Backoff()
-        for i in range(REPORT_TRIES):
+        """Make a fenced call, retrying transport errors for up to ``REPORT_PATIENCE_S``;
+        returns the refusal, if refused."""
+        backoff = Backoff(cap=5.0)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + REPORT_PATIENCE_S
+        while True:
             try:
                 await call()
                 return None
@@ -301,8 +346,10 @@ class Node:
                 return exc
             except TransportError as exc:
                 log.warning("%s: %s of %s failed: %s", self.gpu_id, what, task.task_id, exc)
-                if i + 1 < REPORT_TRIES:
-                    await asyncio.sleep(backoff.step())
+            delay = backoff.step()
+            if loop.time() + delay > give_up:
+                break
+            await asyncio.sleep(delay)
         log.error(
             "%s: gave up the %s of %s; its lease will expire and it will run again",
             self.gpu_id,
@@ -314,8 +361,8 @@ class Node:
     async def drain(self, grace_s: float, hurry: asyncio.Event) -> None:
         """Wait up to ``grace_s`` for running tasks, then kill and release the rest."""
         self.stopping = True
-        if self.running:
-            runners = {runner for runner, _ in self.running.values()}
+        if self.jobs:
+            runners = {job.runner for job in self.jobs.values() if job.runner is not None}
             waiters = {
                 asyncio.create_task(asyncio.wait(runners)),
                 asyncio.create_task(hurry.wait()),
@@ -323,11 +370,11 @@ class Node:
             await asyncio.wait(waiters, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
                 waiter.cancel()
-        left = [(runner, task) for runner, task in self.running.values() if not runner.done()]
-        await asyncio.gather(*(cancel_and_wait(runner) for runner, _ in left))
+        left = [job for job in self.jobs.values() if job.runner and not job.runner.done()]
+        await asyncio.gather(*(cancel_and_wait(job.runner) for job in left if job.runner))
         if left:
             log.info("%s: releasing %d unfinished task(s)", self.gpu_id, len(left))
-            await asyncio.gather(*(self.release(task) for _, task in left))
+            await asyncio.gather(*(self.release(job.task) for job in left))
         if self._background:
             await asyncio.wait(set(self._background))
 

@@ -4,12 +4,20 @@ Core errors map onto the transport's: ``Conflict`` (stale attempt, duplicate rep
 ``NotFound`` on a task become :class:`StaleAttempt`; ``NotFound`` on a node (and the claim
 script's ``NOGPU`` error) becomes :class:`NodeUnknown`; a lost Redis connection or another
 error reply becomes :class:`TransportError`.
+
+Every call has a deadline (``op_timeout_s``, plus the wait of a claim). A connection can
+die without the client noticing (a failover, a cut network: no FIN, no RST), and a blocking
+``XREADGROUP`` on it would then wait forever while the agent believes it is claiming. A call
+past its deadline drops every pooled connection and fails with :class:`TransportError`; the
+agent retries, on fresh connections.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterator
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -17,6 +25,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gpuflow.config import Settings, get_settings
+from gpuflow.core.cluster import Membership, new_instance_id
 from gpuflow.core.dispatch import Dispatcher
 from gpuflow.core.errors import Conflict, GpuflowError, NotFound
 from gpuflow.core.gpus import Gpus, GpuSpec
@@ -32,7 +41,9 @@ from gpuflow.worker.transport import (
     TransportRejected,
 )
 
-ORPHAN_PAGES = 100
+log = logging.getLogger("gpuflow.worker")
+
+OP_TIMEOUT_S = 15.0
 
 
 @contextlib.contextmanager
@@ -56,17 +67,44 @@ def _mapped(node: bool = False) -> Iterator[None]:
 class RedisTransport:
     """Transport over a :class:`Store`; ``connect`` makes one that owns its store."""
 
-    def __init__(self, store: Store, *, owns_store: bool = False) -> None:
+    def __init__(
+        self, store: Store, *, owns_store: bool = False, op_timeout_s: float = OP_TIMEOUT_S
+    ) -> None:
         self.store = store
         self.gpus = Gpus(store)
         self.tasks = Tasks(store, self.gpus)
         self._blocking: Any = store.blocking_client()
         self.dispatcher = Dispatcher(store, self.gpus, self._blocking)
         self._owns_store = owns_store
+        self.op_timeout_s = op_timeout_s
 
     @classmethod
-    def connect(cls, url: str, settings: Settings | None = None) -> RedisTransport:
-        return cls(Store.connect(url, settings or get_settings()), owns_store=True)
+    def connect(
+        cls, url: str, settings: Settings | None = None, *, op_timeout_s: float = OP_TIMEOUT_S
+    ) -> RedisTransport:
+        store = Store.connect(url, settings or get_settings())
+        return cls(store, owns_store=True, op_timeout_s=op_timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def _call(self, node: bool = False, wait_s: float = 0.0) -> AsyncIterator[None]:
+        """Map core errors (see the module docstring); give up after the deadline."""
+        deadline = asyncio.timeout(self.op_timeout_s + wait_s)
+        try:
+            async with deadline:
+                with _mapped(node):
+                    yield
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            log.warning("Redis did not answer in %.1f s; reconnecting", self.op_timeout_s)
+            await self.reset()
+            raise TransportError(f"Redis: no answer within {self.op_timeout_s:g} s") from None
+
+    async def reset(self) -> None:
+        """Drop every connection (in use or not); the next calls open fresh ones."""
+        for client in (self.store.redis, self._blocking):
+            with contextlib.suppress(Exception):
+                await client.connection_pool.disconnect()
 
     async def register(self, node: NodeSpec) -> None:
         spec = GpuSpec(
@@ -80,52 +118,33 @@ class RedisTransport:
             version=node.version,
             metadata=dict(node.metadata),
         )
-        with _mapped(node=True):
+        async with self._call(node=True):
             await self.gpus.register(spec)
 
-    async def heartbeat(self, gpu_id: str) -> None:
-        with _mapped(node=True):
-            await self.gpus.heartbeat(gpu_id)
+    async def heartbeat(self, gpu_id: str, running: Mapping[str, int]) -> list[str]:
+        async with self._call(node=True):
+            reply = await self.gpus.heartbeat(gpu_id, running)
+        return list(reply.stop)
 
     async def claim(
         self, gpu_id: str, wait_s: float, *, recover: bool = False
     ) -> list[ClaimedTask]:
-        with _mapped(node=True):
-            if recover:
-                await self._fail_orphans(gpu_id)
+        async with self._call(node=True, wait_s=wait_s):
             views = await self.dispatcher.claim(gpu_id, wait_s, recover=recover)
         return [ClaimedTask.from_view(v) for v in views]
 
-    async def _fail_orphans(self, gpu_id: str) -> None:
-        """Tasks still PROCESSING on this GPU when its agent (re)starts ran on a previous
-        incarnation that is gone: fail them (retryable), as a lost lease would."""
-        orphans: list[dict[str, Any]] = []
-        for page in range(1, ORPHAN_PAGES + 1):
-            views, total = await self.tasks.list(
-                status=TaskStatus.PROCESSING, gpu_id=gpu_id, page=page, size=100
-            )
-            orphans += [v for v in views if v["gpuId"] == gpu_id]
-            if page * 100 >= total:
-                break
-        for view in orphans:
-            # Conflict / NotFound: finished or requeued meanwhile.
-            with contextlib.suppress(Conflict, NotFound):
-                await self.tasks.finish(
-                    view["taskId"],
-                    TaskStatus.FAILED,
-                    f"the worker of {gpu_id} restarted while attempt {view['attempt']} ran",
-                    gpu_id=gpu_id,
-                    attempt=view["attempt"],
-                )
+    async def presence(self, stop: asyncio.Event) -> None:
+        member = Membership(self.store, new_instance_id("worker"), lambda: "WORKER")
+        await member.run(stop)
 
     async def progress(self, task: ClaimedTask, percent: int, message: str | None) -> None:
-        with _mapped():
+        async with self._call():
             await self.tasks.report_progress(
                 task.task_id, percent, message, gpu_id=task.gpu_id, attempt=task.attempt
             )
 
     async def complete(self, task: ClaimedTask, result: str) -> None:
-        with _mapped():
+        async with self._call():
             await self.tasks.finish(
                 task.task_id,
                 TaskStatus.COMPLETED,
@@ -141,7 +160,7 @@ class RedisTransport:
         await self._end(task, TaskStatus.TIMEOUT, error, True)
 
     async def _end(self, task: ClaimedTask, status: TaskStatus, text: str, retry: bool) -> None:
-        with _mapped():
+        async with self._call():
             await self.tasks.finish(
                 task.task_id,
                 status,
@@ -152,7 +171,7 @@ class RedisTransport:
             )
 
     async def release(self, task: ClaimedTask) -> None:
-        with _mapped():
+        async with self._call():
             await self.tasks.requeue(task.task_id, attempt=task.attempt)
 
     async def close(self) -> None:

@@ -20,6 +20,16 @@ A handler is a plain function (or ``async def``) registered for one task type::
 * raising :class:`NonRetryableError` fails the task at once; any other exception is a
   retryable failure whose text becomes the task's ``errorMessage``.
 
+Stopping a handler (its task ran past its ``timeout``, or was canceled): the agent first asks
+it to stop, and ``ctx.should_stop()`` (or ``ctx.stop_requested``) turns true. An async handler
+is also cancelled (``CancelledError`` at its next ``await``). A sync handler should poll the
+flag in its loops and return or raise; with ``Worker(interrupt_on_stop=True)`` the agent also
+raises :class:`StopRequested` in it (delivered as ``SIGUSR1`` to the executor's main thread:
+it interrupts ``time.sleep`` and Python code, not a C call until that returns). A handler still
+running ``GPUFLOW_TIMEOUT_GRACE_MS`` later is killed: its executor process is killed and
+started again (an async one is abandoned). A timed-out attempt is reported as a timeout
+whatever the handler returns after the request; a canceled one is not reported at all.
+
 Sync handlers run in a child process per GPU slot (one task at a time, the process is reused
 so models loaded at import or on first use stay loaded); async handlers run in the agent's
 event loop. Sync handlers must be importable: module-level functions, or any callable
@@ -32,6 +42,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -48,6 +59,13 @@ log = logging.getLogger("gpuflow.worker")
 
 class NonRetryableError(Exception):
     """Raised by a handler: fail the task now, whatever retries it has left."""
+
+
+class StopRequested(BaseException):
+    """Raised in a sync handler asked to stop, when its Worker has ``interrupt_on_stop``.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``), so that a handler's ``except Exception``
+    does not swallow it. A handler may also raise it itself after ``ctx.should_stop()``."""
 
 
 @dataclass(slots=True)
@@ -68,10 +86,15 @@ class TaskContext:
     max_retries: int = 0
     gpu_index: int | None = None
     _report: ProgressFn | None = field(default=None, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @classmethod
     def for_task(
-        cls, task: ClaimedTask, report: ProgressFn | None, gpu_index: int | None = None
+        cls,
+        task: ClaimedTask,
+        report: ProgressFn | None,
+        gpu_index: int | None = None,
+        stop: threading.Event | None = None,
     ) -> TaskContext:
         return cls(
             task_id=task.task_id,
@@ -88,6 +111,7 @@ class TaskContext:
             max_retries=task.max_retries,
             gpu_index=gpu_index,
             _report=report,
+            _stop=stop or threading.Event(),
         )
 
     def progress(self, percent: float, message: str | None = None) -> None:
@@ -96,6 +120,16 @@ class TaskContext:
             raise ValueError(f"progress must be between 0 and 100, not {percent}")
         if self._report is not None:
             self._report(int(percent), message)
+
+    def should_stop(self) -> bool:
+        """True once the agent asked this handler to stop (timeout or cancellation); a
+        long handler should poll it and return or raise soon after. Thread-safe."""
+        return self._stop.is_set()
+
+    @property
+    def stop_requested(self) -> bool:
+        """The same as :meth:`should_stop`, as a property."""
+        return self._stop.is_set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,13 +192,20 @@ class Worker:
 
     ``ref`` (``"module:attr"``) names where a child process can import this worker again; it
     is needed only when a sync handler cannot be pickled by reference (a lambda, a closure).
+    ``interrupt_on_stop`` raises :class:`StopRequested` in a sync handler asked to stop
+    (see the module docstring).
     """
 
     def __init__(
-        self, handlers: Mapping[int, Handler] | None = None, *, ref: str | None = None
+        self,
+        handlers: Mapping[int, Handler] | None = None,
+        *,
+        ref: str | None = None,
+        interrupt_on_stop: bool = False,
     ) -> None:
         self.handlers: dict[int, Handler] = {}
         self.ref = ref
+        self.interrupt_on_stop = interrupt_on_stop
         for task_type, fn in (handlers or {}).items():
             self.add(task_type, fn)
 

@@ -5,6 +5,8 @@ Both transports speak the same small protocol, so the agent never knows which on
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -68,7 +70,11 @@ class Transport(Protocol):
 
     async def register(self, node: NodeSpec) -> None: ...
 
-    async def heartbeat(self, gpu_id: str) -> None: ...
+    async def heartbeat(self, gpu_id: str, running: Mapping[str, int]) -> list[str]:
+        """Renew the node and the leases of ``running`` (task id → attempt: every task the
+        node runs now). The server requeues the node's tasks not listed (lost) and returns
+        the listed ones the node must stop (canceled, timed out, reassigned)."""
+        ...
 
     async def claim(
         self, gpu_id: str, wait_s: float, *, recover: bool = False
@@ -88,6 +94,11 @@ class Transport(Protocol):
 
     async def time_out(self, task: ClaimedTask, error: str) -> None:
         """Record that the attempt ran past the task's timeout (retried while retries last)."""
+        ...
+
+    async def presence(self, stop: asyncio.Event) -> None:
+        """Publish this process as a cluster instance until ``stop`` is set (through Redis;
+        over HTTP the API processes are the instances, and this returns at once)."""
         ...
 
     async def close(self) -> None: ...
