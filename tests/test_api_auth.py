@@ -27,6 +27,8 @@ ALLOWED: dict[str, set[tuple[str, str]]] = {
         ("GET", "/api/v2/monitoring/alerts"),
         ("GET", "/api/v2/monitoring/alerts/stats"),
         ("GET", "/api/v1/monitoring/gpu-lock/status"),
+        ("GET", "/api/v2/cluster/status"),
+        ("GET", "/api/v2/cluster/instances"),
     },
     "client": {
         ("POST", "/api/v2/tasks"),

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import httpx
 import pytest
 
 from gpuflow.config import Settings
@@ -17,6 +18,8 @@ from gpuflow.core.models import TaskStatus
 from gpuflow.core.system import System
 from gpuflow.core.tasks import NewTask
 from gpuflow.store.keys import GROUP
+
+from .servers import ApiServer
 
 pytestmark = pytest.mark.redis
 
@@ -152,3 +155,18 @@ async def test_a_process_that_is_not_leader_does_nothing(make_system: Factory) -
     await maintenance.leadership.resign()
     assert await maintenance.tick() == {}
     assert (await system.gpus.get("g1"))["currentTasks"] == 1
+
+
+async def test_cluster_endpoints_show_the_leader(api_server: ApiServer) -> None:
+    admin = {"X-API-Key": api_server.admin_key}
+    async with httpx.AsyncClient(base_url=api_server.url, headers=admin) as c:
+        for _ in range(100):  # the server's first campaign runs at start-up
+            data = (await c.get("/api/v2/cluster/status")).json()["data"]
+            if data["leader_instance"] and data["instances"]:
+                break
+            await asyncio.sleep(0.05)
+        (me,) = data["instances"]
+        assert (me["role"], me["instance_id"]) == ("LEADER", data["leader_instance"])
+        assert data["total_instances"] == data["active_instances"] == 1
+        listed = (await c.get("/api/v2/cluster/instances")).json()["data"]
+        assert [i["instance_id"] for i in listed] == [me["instance_id"]]

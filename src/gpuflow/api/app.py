@@ -13,6 +13,7 @@ from starlette.responses import Response
 from gpuflow import __version__
 from gpuflow.api import (
     routes_admin,
+    routes_cluster,
     routes_gpus,
     routes_monitoring,
     routes_tasks,
@@ -81,7 +82,14 @@ def create_app(settings: Settings, redis_url: str, *, background: bool = True) -
             return error(413, f"request body over {limit} bytes")
         return await call_next(request)
 
-    for module in (routes_tasks, routes_gpus, routes_tasktypes, routes_monitoring, routes_admin):
+    for module in (
+        routes_tasks,
+        routes_gpus,
+        routes_tasktypes,
+        routes_monitoring,
+        routes_cluster,
+        routes_admin,
+    ):
         app.include_router(module.router)
     _document_400_not_422(app)
     return app

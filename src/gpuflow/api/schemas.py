@@ -253,3 +253,22 @@ class GpuLockOut(BaseModel):
     locked: bool
     owner: str | None = Field(description="Task id holding the GPU alone.")
     ttlMs: int | None
+
+
+class InstanceOut(BaseModel):
+    instance_id: str
+    status: str
+    role: Literal["LEADER", "FOLLOWER", "WORKER"]
+    last_heartbeat: int
+    start_time: int
+    version: str
+    host: str
+    pid: int
+
+
+class ClusterStatus(BaseModel):
+    cluster_id: str
+    leader_instance: str | None
+    total_instances: int
+    active_instances: int
+    instances: list[InstanceOut]
