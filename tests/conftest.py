@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,9 @@ import pytest
 from gpuflow.config import Settings
 from gpuflow.core.dispatch import Dispatcher
 from gpuflow.core.gpus import Gpus
+from gpuflow.core.leader import Leadership
+from gpuflow.core.loops import Maintenance
+from gpuflow.core.system import System
 from gpuflow.core.tasks import Tasks
 from gpuflow.store import Store
 from gpuflow.store.embedded import EmbeddedRedis
@@ -93,3 +96,29 @@ def api_server(redis_url: str, settings: Settings, store: Store) -> Iterator[Api
         yield server
     finally:
         server.stop()
+
+
+SystemFactory = Callable[..., Awaitable[tuple[System, Maintenance]]]
+
+
+@pytest.fixture
+async def make_system(redis_url: str, settings: Settings) -> AsyncIterator[SystemFactory]:
+    """Build Systems over the test's namespace with settings overrides; each comes with a
+    Maintenance whose Leadership already holds the lease."""
+    made: list[System] = []
+
+    async def make(**overrides: object) -> tuple[System, Maintenance]:
+        system = System.connect(redis_url, settings.model_copy(update=overrides))
+        made.append(system)
+        leadership = Leadership(system.store, f"test-{len(made)}")
+        assert await leadership.step()
+        return system, Maintenance(system, leadership)
+
+    yield make
+    if made:
+        r = made[0].store.redis
+        keys = [k async for k in r.scan_iter(match=f"{settings.namespace}*", count=1000)]
+        if keys:
+            await r.delete(*keys)
+    for system in made:
+        await system.close()

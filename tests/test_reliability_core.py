@@ -4,50 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
 
-from gpuflow.config import Settings
 from gpuflow.core.errors import Conflict
 from gpuflow.core.gpus import GpuSpec
 from gpuflow.core.leader import Leadership
-from gpuflow.core.loops import Maintenance
 from gpuflow.core.models import TaskStatus
-from gpuflow.core.system import System
 from gpuflow.core.tasks import NewTask
 from gpuflow.store.keys import GROUP
 
+from .conftest import SystemFactory
 from .servers import ApiServer
 
 pytestmark = pytest.mark.redis
 
-Factory = Callable[..., Awaitable[tuple[System, Maintenance]]]
 
-
-@pytest.fixture
-async def make_system(redis_url: str, settings: Settings) -> AsyncIterator[Factory]:
-    made: list[System] = []
-
-    async def make(**overrides: object) -> tuple[System, Maintenance]:
-        system = System.connect(redis_url, settings.model_copy(update=overrides))
-        made.append(system)
-        leadership = Leadership(system.store, f"test-{len(made)}")
-        assert await leadership.step()
-        return system, Maintenance(system, leadership)
-
-    yield make
-    if made:
-        r = made[0].store.redis
-        keys = [k async for k in r.scan_iter(match=f"{settings.namespace}*", count=1000)]
-        if keys:
-            await r.delete(*keys)
-    for system in made:
-        await system.close()
-
-
-async def test_expired_lease_requeues_and_fences_off_the_late_worker(make_system: Factory) -> None:
+async def test_expired_lease_requeues_and_fences_off_the_late_worker(
+    make_system: SystemFactory,
+) -> None:
     system, maintenance = await make_system(lease_ms=200)
     await system.gpus.register(GpuSpec("g1", [1]))
     task_id = (await system.tasks.create(NewTask(1, "x")))["taskId"]
@@ -66,7 +42,7 @@ async def test_expired_lease_requeues_and_fences_off_the_late_worker(make_system
     assert (await system.tasks.get(task_id))["result"] == "good"
 
 
-async def test_lease_expiry_with_no_retries_left_fails(make_system: Factory) -> None:
+async def test_lease_expiry_with_no_retries_left_fails(make_system: SystemFactory) -> None:
     system, maintenance = await make_system(lease_ms=100)
     await system.gpus.register(GpuSpec("g1", [1]))
     task_id = (await system.tasks.create(NewTask(1, "x", max_retries=0)))["taskId"]
@@ -76,7 +52,7 @@ async def test_lease_expiry_with_no_retries_left_fails(make_system: Factory) -> 
     assert (await system.tasks.get(task_id))["status"] == "FAILED"
 
 
-async def test_heartbeats_keep_a_long_task_alive(make_system: Factory) -> None:
+async def test_heartbeats_keep_a_long_task_alive(make_system: SystemFactory) -> None:
     system, maintenance = await make_system(lease_ms=300)
     await system.gpus.register(GpuSpec("g1", [1]))
     task_id = (await system.tasks.create(NewTask(1, "x")))["taskId"]
@@ -88,7 +64,7 @@ async def test_heartbeats_keep_a_long_task_alive(make_system: Factory) -> None:
     assert (await system.tasks.get(task_id))["status"] == "PROCESSING"
 
 
-async def test_silent_gpu_goes_offline_and_its_tasks_move(make_system: Factory) -> None:
+async def test_silent_gpu_goes_offline_and_its_tasks_move(make_system: SystemFactory) -> None:
     system, maintenance = await make_system(gpu_offline_after_s=0.2, lease_ms=60_000)
     await system.gpus.register(GpuSpec("quiet", [1], max_concurrent_tasks=2))
     await system.gpus.register(GpuSpec("alive", [1], max_concurrent_tasks=2))
@@ -107,7 +83,7 @@ async def test_silent_gpu_goes_offline_and_its_tasks_move(make_system: Factory) 
     assert (await maintenance.tick())["offline"] == 0
 
 
-async def test_entry_read_but_never_started_is_reclaimed(make_system: Factory) -> None:
+async def test_entry_read_but_never_started_is_reclaimed(make_system: SystemFactory) -> None:
     system, maintenance = await make_system(reclaim_idle_ms=0)
     await system.gpus.register(GpuSpec("crashy", [1]))
     await system.gpus.register(GpuSpec("other", [1]))
@@ -122,7 +98,7 @@ async def test_entry_read_but_never_started_is_reclaimed(make_system: Factory) -
     assert t["taskId"] == task_id
 
 
-async def test_one_leader_at_a_time_and_takeover(make_system: Factory) -> None:
+async def test_one_leader_at_a_time_and_takeover(make_system: SystemFactory) -> None:
     system, _ = await make_system(leader_lease_ms=400)
     await system.store.redis.delete(system.store.keys.leader)
     a = Leadership(system.store, "a")
@@ -146,7 +122,7 @@ async def test_one_leader_at_a_time_and_takeover(make_system: Factory) -> None:
     assert b.is_leader
 
 
-async def test_a_process_that_is_not_leader_does_nothing(make_system: Factory) -> None:
+async def test_a_process_that_is_not_leader_does_nothing(make_system: SystemFactory) -> None:
     system, maintenance = await make_system(lease_ms=50)
     await system.gpus.register(GpuSpec("g1", [1]))
     await system.tasks.create(NewTask(1, "x"))

@@ -3,49 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
 
-from gpuflow.config import Settings
 from gpuflow.core.errors import Conflict
 from gpuflow.core.gpus import GpuSpec
-from gpuflow.core.leader import Leadership
-from gpuflow.core.loops import Maintenance
 from gpuflow.core.models import GpuStatus, TaskStatus
-from gpuflow.core.system import System
 from gpuflow.core.tasks import NewTask
 from gpuflow.core.tasktypes import TaskTypeConfig
 
+from .conftest import SystemFactory
 from .servers import ApiServer
 
 pytestmark = pytest.mark.redis
-Factory = Callable[..., Awaitable[tuple[System, Maintenance]]]
 
 
-@pytest.fixture
-async def make_system(redis_url: str, settings: Settings) -> AsyncIterator[Factory]:
-    made: list[System] = []
-
-    async def make(**overrides: object) -> tuple[System, Maintenance]:
-        system = System.connect(redis_url, settings.model_copy(update=overrides))
-        made.append(system)
-        leadership = Leadership(system.store, f"t-{len(made)}")
-        assert await leadership.step()
-        return system, Maintenance(system, leadership)
-
-    yield make
-    if made:
-        r = made[0].store.redis
-        keys = [k async for k in r.scan_iter(match=f"{settings.namespace}*", count=1000)]
-        if keys:
-            await r.delete(*keys)
-    for system in made:
-        await system.close()
-
-
-async def test_warning_then_hard_timeout(make_system: Factory) -> None:
+async def test_warning_then_hard_timeout(make_system: SystemFactory) -> None:
     system, maintenance = await make_system(
         timeout_grace_ms=200, timeout_warning_fraction=0.5, retry_on_timeout=False
     )
@@ -68,7 +42,7 @@ async def test_warning_then_hard_timeout(make_system: Factory) -> None:
     assert (await system.gpus.heartbeat("g1", {task_id: t["attempt"]})).stop == [task_id]
 
 
-async def test_timed_out_attempt_is_retried_when_allowed(make_system: Factory) -> None:
+async def test_timed_out_attempt_is_retried_when_allowed(make_system: SystemFactory) -> None:
     system, maintenance = await make_system(timeout_grace_ms=0, retry_on_timeout=True)
     await system.gpus.register(GpuSpec("g1", [1]))
     task_id = (await system.tasks.create(NewTask(1, "x", timeout=1000, max_retries=1)))["taskId"]
@@ -79,7 +53,7 @@ async def test_timed_out_attempt_is_retried_when_allowed(make_system: Factory) -
     assert (view["status"], view["retryCount"]) == ("QUEUED", 1)
 
 
-async def test_task_type_defaults_apply(make_system: Factory) -> None:
+async def test_task_type_defaults_apply(make_system: SystemFactory) -> None:
     system, _ = await make_system()
     await system.task_types.put(TaskTypeConfig(6, "asr", timeout=5000, max_retries=7))
     own = (await system.tasks.create(NewTask(6, "x", timeout=9000)))["taskId"]
@@ -91,7 +65,7 @@ async def test_task_type_defaults_apply(make_system: Factory) -> None:
     assert (await system.tasks.get(plain))["maxRetries"] == 3
 
 
-async def test_exclusive_type_holds_the_gpu_alone(make_system: Factory) -> None:
+async def test_exclusive_type_holds_the_gpu_alone(make_system: SystemFactory) -> None:
     system, maintenance = await make_system(lease_ms=60_000)
     await system.task_types.put(TaskTypeConfig(9, "big-model", exclusive=True))
     await system.gpus.register(GpuSpec("g1", [1, 9], max_concurrent_tasks=3))
@@ -111,7 +85,7 @@ async def test_exclusive_type_holds_the_gpu_alone(make_system: Factory) -> None:
     assert (await maintenance.tick())["locks"] == 0
 
 
-async def test_stale_and_expired_locks_are_released(make_system: Factory) -> None:
+async def test_stale_and_expired_locks_are_released(make_system: SystemFactory) -> None:
     system, maintenance = await make_system(lease_ms=300)
     await system.task_types.put(TaskTypeConfig(9, exclusive=True))
     await system.gpus.register(GpuSpec("g1", [9]))
@@ -129,7 +103,7 @@ async def test_stale_and_expired_locks_are_released(make_system: Factory) -> Non
     assert (await system.gpus.lock("g1"))["locked"] is False
 
 
-async def test_faulty_threshold_raises_a_critical_alert(make_system: Factory) -> None:
+async def test_faulty_threshold_raises_a_critical_alert(make_system: SystemFactory) -> None:
     system, _ = await make_system(gpu_fault_threshold=2)
     await system.gpus.register(GpuSpec("g1", [1]))
     for i in range(2):
