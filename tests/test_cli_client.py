@@ -157,6 +157,35 @@ def test_task_follow_exit_code_tells_the_outcome(api_server: ApiServer, admin: C
     assert "QUEUED       0% #1 in line" in result.stdout
 
 
+def test_task_follow_shows_progress_pushed_while_it_runs(
+    api_server: ApiServer, admin: Client
+) -> None:
+    node = Node(admin)
+    task_id = admin.create_task(1)["taskId"]
+    notifier = api_server.server.config.app.state.notifier  # type: ignore[attr-defined]
+
+    def run() -> None:
+        # Drive the task only once the command's event stream is open (bounded, no clock).
+        for _ in range(2000):
+            if notifier.watchers:
+                break
+            threading.Event().wait(0.005)
+        claimed, attempt = node.claim()
+        node.progress(claimed, attempt, 40, "encoding")
+        node.complete(claimed, attempt, "ok")
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    result = gpuflow(api_server, "task", task_id, "--follow", "--json", "--timeout", "20")
+    worker.join(10)
+    assert result.exit_code == 0, result.output
+    statuses = [json.loads(line)["status"] for line in result.stdout.splitlines()]
+    # The node may start the task before the stream's first read: QUEUED may be skipped,
+    # and quick changes may coalesce; the order and the end are certain.
+    assert statuses[0] in ("QUEUED", "PROCESSING") and statuses[-2:] == ["COMPLETED"] * 2
+    assert statuses[:-1] == sorted(statuses[:-1], key=["QUEUED", "PROCESSING", "COMPLETED"].index)
+
+
 def test_follow_draws_a_progress_bar_on_a_terminal() -> None:
     buffer = io.StringIO()
     out = Console(file=buffer, force_terminal=True, width=100)

@@ -36,6 +36,7 @@ def test_lua_prelude_builds_the_same_key_names_as_keys_py() -> None:
         "k_qstat": (k.qstat(1, "VIP"), "'qstat:' .. t .. ':' .. tier"),
         "k_tstat": (k.tstat(1), "'tstat:' .. t"),
         "k_status": (k.idx_status("QUEUED"), "'idx:status:' .. s"),
+        "k_status_type": (k.idx_status_type("QUEUED", 1), "'idx:st:' .. s .. ':' .. t"),
         "k_gpu": (k.gpu("G"), "'gpu:' .. g"),
         "k_running": (k.gpu_running("G"), "'gpu:' .. g .. ':running'"),
     }

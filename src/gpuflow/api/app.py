@@ -24,6 +24,7 @@ from gpuflow.config import Settings
 from gpuflow.core.cluster import Membership, new_instance_id
 from gpuflow.core.leader import Leadership
 from gpuflow.core.loops import Maintenance
+from gpuflow.core.notify import TaskNotifier
 from gpuflow.core.system import System
 
 DESCRIPTION = """
@@ -44,6 +45,9 @@ def create_app(settings: Settings, redis_url: str, *, background: bool = True) -
         leadership = Leadership(system.store, instance_id)
         app.state.system = system
         app.state.leadership = leadership
+        notifier = TaskNotifier(redis_url, settings.namespace)
+        notifier.start()
+        app.state.notifier = notifier
         stop = asyncio.Event()
         membership = Membership(
             system.store,
@@ -62,6 +66,7 @@ def create_app(settings: Settings, redis_url: str, *, background: bool = True) -
         finally:
             stop.set()
             await asyncio.gather(*loops, return_exceptions=True)
+            await notifier.close()
             await system.close()
 
     app = FastAPI(

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
-from starlette.responses import Response
+import orjson
+from fastapi import APIRouter, Depends, Header, Query, Request
+from redis.exceptions import RedisError
+from starlette.responses import Response, StreamingResponse
 
 from gpuflow.api.deps import Reader, Submitter, SystemDep, WorkerRole, check_task_access
 from gpuflow.api.envelope import ERROR_RESPONSES, Envelope, envelope
@@ -21,12 +25,46 @@ from gpuflow.api.schemas import (
     TaskStatusUpdate,
 )
 from gpuflow.core.apikeys import Role
-from gpuflow.core.errors import Forbidden, InvalidInput
-from gpuflow.core.models import TaskStatus, json_text
+from gpuflow.core.errors import Forbidden, GpuflowError, InvalidInput
+from gpuflow.core.models import TERMINAL_STATUSES, TaskStatus, json_text
+from gpuflow.core.notify import TaskNotifier
+from gpuflow.core.system import System
 from gpuflow.core.tasks import Idempotency, NewTask
 
 router = APIRouter(prefix="/api/v2/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
 TaskId = Annotated[str, "task id"]
+
+MAX_WAIT_S = 60.0  # longest long-poll
+MAX_STREAM_S = 3600.0  # longest event stream; a client reconnects after it
+HEARTBEAT_S = 15.0  # an event stream sends a comment after this long without an event
+
+Wait = Annotated[
+    float,
+    Query(
+        ge=0,
+        le=MAX_WAIT_S,
+        description="Long-poll: answer as soon as the task is final (COMPLETED, FAILED, "
+        "TIMEOUT, CANCELED), or after this many seconds with its current state. 0 (the "
+        "default) answers at once.",
+    ),
+]
+StreamWait = Annotated[
+    float,
+    Query(
+        ge=0,
+        le=MAX_STREAM_S,
+        description="Close the stream after this many seconds even if the task has not "
+        "ended (0: send the current state only). Reconnect to go on.",
+    ),
+]
+
+
+def get_notifier(request: Request) -> TaskNotifier:
+    notifier: TaskNotifier = request.app.state.notifier
+    return notifier
+
+
+NotifierDep = Annotated[TaskNotifier, Depends(get_notifier)]
 
 
 IdempotencyKey = Annotated[
@@ -99,9 +137,12 @@ async def list_tasks(
 
 
 @router.get("/{taskId}", response_model=Envelope[TaskOut], summary="Task detail")
-async def get_task(taskId: TaskId, system: SystemDep, who: Reader) -> Response:
+async def get_task(
+    taskId: TaskId, system: SystemDep, notifier: NotifierDep, who: Reader, wait: Wait = 0
+) -> Response:
+    """With `wait`, a long-poll: answers when the task is final or after `wait` seconds."""
     await check_task_access(system, who, taskId)
-    return envelope(await system.tasks.get(taskId))
+    return envelope(await notifier.until_final(taskId, wait, partial(system.tasks.get, taskId)))
 
 
 @router.get("/{taskId}/progress", response_model=Envelope[TaskProgressOut], summary="Progress")
@@ -111,9 +152,13 @@ async def get_progress(taskId: TaskId, system: SystemDep, who: Reader) -> Respon
 
 
 @router.get("/{taskId}/result", response_model=Envelope[TaskResultOut], summary="Result")
-async def get_result(taskId: TaskId, system: SystemDep, who: Reader) -> Response:
+async def get_result(
+    taskId: TaskId, system: SystemDep, notifier: NotifierDep, who: Reader, wait: Wait = 0
+) -> Response:
+    """With `wait`, a long-poll: answers when the task is final or after `wait` seconds."""
     await check_task_access(system, who, taskId)
-    return envelope(await system.tasks.result_view(taskId))
+    read = partial(system.tasks.result_view, taskId)
+    return envelope(await notifier.until_final(taskId, wait, read))
 
 
 @router.post("/{taskId}/cancel", response_model=Envelope[str], summary="Cancel a task")
@@ -186,3 +231,95 @@ async def _apply_status(system: Any, task_id: str, body: TaskStatusUpdate) -> No
             attempt=body.attempt,
             retryable=body.retryable,
         )
+
+
+ERROR_SCHEMA = "#/components/schemas/ErrorEnvelope"
+
+
+class EventStreamResponse(StreamingResponse):
+    media_type = "text/event-stream"
+
+
+EVENTS_DOC = """Server-sent events of one task's progress, until it ends.
+
+The first event is the task's current state, so a late subscriber misses nothing. Then one
+event per change of status, percentage or message, as it happens (pushed, not polled).
+Each event's `data` is the JSON of `GET /api/v2/tasks/{taskId}/progress`'s `data`
+(`TaskProgressOut`); its `event` is `progress`, or `end` for the final state (COMPLETED,
+FAILED, TIMEOUT, CANCELED), after which the server closes the stream. A stream also closes
+after `wait` seconds (default and most: 3600) without an `end`: reconnect to go on.
+A comment line (`: keep-alive`) goes out after 15 s without an event. If the task
+disappears or the server cannot read it, an `error` event (`data: {"message": ...}`) ends
+the stream. Browser `EventSource`s must `close()` on `end`, or they would reconnect.
+
+    id: 1
+    event: progress
+    data: {"taskId":"task_…","status":"PROCESSING","progress":40,...}
+
+    id: 2
+    event: end
+    data: {"taskId":"task_…","status":"COMPLETED","progress":100,...}
+"""
+
+
+@router.get(
+    "/{taskId}/events",
+    response_class=EventStreamResponse,
+    summary="Stream a task's progress (SSE)",
+    description=EVENTS_DOC,
+    responses={
+        200: {
+            "description": "A `text/event-stream` of `progress` events and a final `end`.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        # Errors come before the stream starts, as JSON envelopes like everywhere else.
+        **{
+            status: {
+                "description": doc["description"],
+                "content": {"application/json": {"schema": {"$ref": ERROR_SCHEMA}}},
+            }
+            for status, doc in ERROR_RESPONSES.items()
+        },
+    },
+)
+async def task_events(
+    taskId: TaskId,
+    system: SystemDep,
+    notifier: NotifierDep,
+    who: Reader,
+    wait: StreamWait = MAX_STREAM_S,
+) -> Response:
+    await check_task_access(system, who, taskId)
+    notifier.check_capacity()
+    return EventStreamResponse(
+        _events(system, notifier, taskId, wait),
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _sse(seq: int, kind: str, data: Any) -> bytes:
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, kind.encode(), orjson.dumps(data))
+
+
+async def _events(
+    system: System, notifier: TaskNotifier, task_id: str, wait: float
+) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in _progress_events(system, notifier, task_id, wait):
+            yield chunk
+    except (GpuflowError, RedisError) as exc:
+        yield b"event: error\ndata: %s\n\n" % orjson.dumps({"message": str(exc)})
+
+
+async def _progress_events(
+    system: System, notifier: TaskNotifier, task_id: str, wait: float
+) -> AsyncIterator[bytes]:
+    """The stream's body: an event per new (status, progress, message), ``end`` last."""
+    seq = 0
+    read = partial(system.tasks.progress_view, task_id)
+    async for view in notifier.changes(task_id, wait, read, HEARTBEAT_S):
+        if view is None:
+            yield b": keep-alive\n\n"
+            continue
+        seq += 1
+        yield _sse(seq, "end" if view["status"] in TERMINAL_STATUSES else "progress", view)

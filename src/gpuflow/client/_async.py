@@ -26,6 +26,10 @@ from gpuflow.client._types import (
 T = TypeVar("T")
 
 
+class _NoStream(Exception):
+    """The server does not stream events: fall back to polling."""
+
+
 class AsyncClient:
     """An asyncio client for gpuflow's HTTP API, the twin of :class:`Client`.
 
@@ -80,12 +84,20 @@ class AsyncClient:
         while True:
             try:
                 response = await self._http.request(
-                    call.method, call.path, params=call.params, json=call.body
+                    call.method,
+                    call.path,
+                    params=call.params,
+                    json=call.body,
+                    timeout=self._timeout(call.wait),
                 )
             except httpx.TransportError as exc:
                 await asyncio.sleep(calls.retry_after(exc, delays, self.base_url))
                 continue
             return call.decode(response)
+
+    def _timeout(self, wait: float) -> httpx.Timeout:
+        """The timeouts of a call the server may hold ``wait`` seconds."""
+        return httpx.Timeout(self._config.timeout, read=self._config.timeout + wait)
 
     async def request(
         self, method: str, path: str, *, params: Params | None = None, json: Any = None
@@ -146,30 +158,53 @@ class AsyncClient:
         """``(items, total)``: one page of tasks and the number of all matches."""
         return await self._send(calls.list_tasks(status, task_type, gpu_id, user_id, page, size))
 
-    async def get_task(self, task_id: str) -> Task:
-        return await self._send(calls.get_task(task_id))
+    async def get_task(self, task_id: str, wait: float = 0) -> Task:
+        """The task; with ``wait`` (seconds, at most 60), a long-poll: the answer comes as
+        soon as the task is final, or after ``wait`` seconds with its current state."""
+        return await self._send(calls.get_task(task_id, wait))
 
     async def get_progress(self, task_id: str) -> TaskProgress:
         return await self._send(calls.get_progress(task_id))
 
-    async def get_result(self, task_id: str) -> TaskResult:
-        return await self._send(calls.get_result(task_id))
+    async def get_result(self, task_id: str, wait: float = 0) -> TaskResult:
+        """The result; with ``wait`` (seconds, at most 60), a long-poll: the answer comes as
+        soon as the task is final, or after ``wait`` seconds with its current state."""
+        return await self._send(calls.get_result(task_id, wait))
 
     async def wait(self, task_id: str, poll_interval: float = 0.5) -> Task:
-        """Poll until the task is COMPLETED / FAILED / TIMEOUT / CANCELED and return it.
-        Bound it the asyncio way: ``async with asyncio.timeout(60): await gf.wait(id)``
+        """Wait until the task is COMPLETED / FAILED / TIMEOUT / CANCELED and return it.
+        Long-polls the server (one request per 30 s, answered the moment the task ends);
+        polls every ``poll_interval`` seconds a server that does not long-poll. Bound it the
+        asyncio way: ``async with asyncio.timeout(60): await gf.wait(id)``
         (``TimeoutError``, as the sync client's ``WaitTimeout`` is)."""
         poll = Poll(f"task {task_id}", None, poll_interval)
+        loop = asyncio.get_running_loop()
         while True:
-            task = await self.get_task(task_id)
+            started = loop.time()
+            task = await self.get_task(task_id, wait=calls.LONG_POLL_S)
             if calls.is_final(task["status"]):
                 return task
-            await asyncio.sleep(poll.delay(task["status"]))
+            if calls.answered_early(calls.LONG_POLL_S, loop.time() - started):
+                await asyncio.sleep(poll.delay(task["status"]))
 
     async def follow(self, task_id: str, poll_interval: float = 0.5) -> AsyncIterator[TaskProgress]:
         """Yield the task's progress each time its status, percentage or message changes,
-        ending with the final one; bound it with ``asyncio.timeout()`` as :meth:`wait`."""
+        ending with the final one; bound it with ``asyncio.timeout()`` as :meth:`wait`.
+        Reads the server's event stream (pushed, no polling); polls every
+        ``poll_interval`` seconds a server that does not stream."""
         poll = Poll(f"task {task_id}", None, poll_interval)
+        delays = calls.retry_delays(self._config.retries)
+        while True:
+            try:
+                async for progress in self._events(task_id, calls.STREAM_S):
+                    if poll.is_news(progress):
+                        yield progress
+                    if calls.is_final(progress["status"]):
+                        return
+            except _NoStream:
+                break
+            except httpx.TransportError as exc:
+                await asyncio.sleep(calls.retry_after(exc, delays, self.base_url))
         while True:
             progress = await self.get_progress(task_id)
             if poll.is_news(progress):
@@ -177,6 +212,23 @@ class AsyncClient:
             if calls.is_final(progress["status"]):
                 return
             await asyncio.sleep(poll.delay(progress["status"]))
+
+    async def _events(self, task_id: str, window: float) -> AsyncIterator[TaskProgress]:
+        """One event stream of the task, at most ``window`` seconds long."""
+        timeout = httpx.Timeout(self._config.timeout, read=calls.STREAM_READ_S)
+        params = {"wait": f"{window:.3f}"}
+        async with self._http.stream(
+            "GET", calls.events_path(task_id), params=params, timeout=timeout
+        ) as response:
+            if not calls.is_event_stream(response):
+                await response.aread()
+                calls.raise_unless_no_stream(response)
+                raise _NoStream
+            reader = calls.EventReader()
+            async for line in response.aiter_lines():
+                progress = reader.feed(line)
+                if progress is not None:
+                    yield progress
 
     # --- GPU nodes ----------------------------------------------------------------------
 

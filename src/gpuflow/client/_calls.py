@@ -4,17 +4,23 @@ Every API call is a :class:`Call`: what to send (method, path, query, JSON body)
 read the answer (``decode``, which unwraps the ``{code, message, data}`` envelope or raises
 the matching error). The two clients only move bytes: they send a ``Call`` with httpx, retry
 it on a connection failure if it is idempotent, and hand the response to ``decode``. The
-pacing of ``wait`` / ``follow`` (deadline, poll interval, which progress is new) lives in
-:class:`Poll`, so that the sync and async loops are a few lines each.
+pacing of ``wait`` / ``follow`` (deadline, long-poll and stream windows, poll interval, which
+progress is new) lives in :class:`Poll`, and the reading of server-sent events in
+:class:`EventReader`, so that the sync and async loops are a few lines each.
+
+``wait`` long-polls (``GET /api/v2/tasks/{id}?wait=``, :data:`LONG_POLL_S` at a time);
+``follow`` reads the task's event stream (``GET /api/v2/tasks/{id}/events``). Against a
+server without them (an older gpuflow), both fall back to polling every ``poll_interval``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 from urllib.parse import quote
 
 import httpx
@@ -46,6 +52,9 @@ DEFAULT_API_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_RETRIES = 2
 RETRY_BACKOFF_S = 0.1
+LONG_POLL_S = 30.0  # one long-poll of ``wait`` (the server allows up to 60)
+STREAM_S = 3600.0  # one event stream of ``follow`` (the server's most)
+STREAM_READ_S = 45.0  # an event stream sends a keep-alive every 15 s: silent longer is dead
 # Only these methods are ever sent twice: a POST that may have reached the server is not.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Failures after which an idempotent call is tried again (not read timeouts: a slow server
@@ -98,6 +107,7 @@ class Call(Generic[T]):
     decode: Callable[[httpx.Response], T]
     params: Params | None = None
     body: Any = None
+    wait: float = 0.0  # seconds the server may hold the answer (a long-poll)
 
     @property
     def idempotent(self) -> bool:
@@ -105,8 +115,12 @@ class Call(Generic[T]):
 
     def retry_delays(self, retries: int) -> Iterator[float]:
         """Pauses before each retry: none for a call that must not be sent twice."""
-        count = retries if self.idempotent else 0
-        return iter([RETRY_BACKOFF_S * 2**i for i in range(count)])
+        return retry_delays(retries if self.idempotent else 0)
+
+
+def retry_delays(retries: int) -> Iterator[float]:
+    """Pauses before each of ``retries`` retries of a read."""
+    return iter([RETRY_BACKOFF_S * 2**i for i in range(retries)])
 
 
 # --- answers ----------------------------------------------------------------------------
@@ -210,16 +224,27 @@ def list_tasks(
     return Call("GET", "/api/v2/tasks", _page, params)
 
 
-def get_task(task_id: str) -> Call[Task]:
-    return Call("GET", f"/api/v2/tasks/{_seg('task_id', task_id)}", data)
+def _wait(wait: float) -> Params | None:
+    if wait < 0:
+        raise ValidationError("wait must be >= 0")
+    return {"wait": f"{wait:.3f}"} if wait > 0 else None
+
+
+def get_task(task_id: str, wait: float = 0) -> Call[Task]:
+    return Call("GET", f"/api/v2/tasks/{_seg('task_id', task_id)}", data, _wait(wait), wait=wait)
 
 
 def get_progress(task_id: str) -> Call[TaskProgress]:
     return Call("GET", f"/api/v2/tasks/{_seg('task_id', task_id)}/progress", data)
 
 
-def get_result(task_id: str) -> Call[TaskResult]:
-    return Call("GET", f"/api/v2/tasks/{_seg('task_id', task_id)}/result", data)
+def get_result(task_id: str, wait: float = 0) -> Call[TaskResult]:
+    path = f"/api/v2/tasks/{_seg('task_id', task_id)}/result"
+    return Call("GET", path, data, _wait(wait), wait=wait)
+
+
+def events_path(task_id: str) -> str:
+    return f"/api/v2/tasks/{_seg('task_id', task_id)}/events"
 
 
 def list_gpus() -> Call[list[Gpu]]:
@@ -279,6 +304,60 @@ def is_final(status: str) -> bool:
     return status in TERMINAL_STATUSES
 
 
+def answered_early(window: float, took: float) -> bool:
+    """A long-poll that came back unfinished well before its window: the server does not
+    long-poll (an older one ignores ``wait``), so the caller paces itself."""
+    return took < window / 2
+
+
+def is_event_stream(response: httpx.Response) -> bool:
+    content_type = response.headers.get("content-type", "")
+    return response.status_code == 200 and content_type.startswith("text/event-stream")
+
+
+def raise_unless_no_stream(response: httpx.Response) -> None:
+    """After an answer that is not an event stream (its body read): return when the caller
+    should fall back to polling (no such route: an older server; or an unknown task, which
+    polling reports), raise the matching error for any other error."""
+    if response.status_code not in (404, 405) and response.is_error:
+        data(response)
+
+
+class EventReader:
+    """Server-sent events, line by line (sans I/O): ``feed`` returns each complete event's
+    task progress; an ``error`` event raises :class:`GpuflowError`."""
+
+    def __init__(self) -> None:
+        self._event = "message"
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> TaskProgress | None:
+        if not line:
+            event, lines = self._event, self._data
+            self._event, self._data = "message", []
+            return _event_data(event, "\n".join(lines)) if lines else None
+        if line.startswith(":"):
+            return None  # a comment: keep-alive
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            self._event = value
+        elif name == "data":
+            self._data.append(value)
+        return None
+
+
+def _event_data(event: str, text: str) -> TaskProgress:
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise GpuflowError(f"bad event from the server: {text[:200]!r}") from exc
+    if event == "error" or not isinstance(body, dict) or "status" not in body:
+        message = body.get("message") if isinstance(body, dict) else None
+        raise GpuflowError(f"event stream ended: {message or text[:200]}")
+    return cast(TaskProgress, body)
+
+
 class Poll:
     """The pacing of a polling loop: deadline, interval, and which progress is news."""
 
@@ -299,6 +378,16 @@ class Poll:
         self._clock = clock
         self._deadline = None if timeout is None else clock() + timeout
         self._last: tuple[str, int, str | None] | None = None
+
+    def window(self, status: str | None, cap: float) -> float:
+        """Seconds the next long-poll or stream may last: ``cap``, or what is left before
+        the deadline; WaitTimeout once past it (never before the first call, status None)."""
+        if self._deadline is None:
+            return cap
+        left = self._deadline - self._clock()
+        if left <= 0 and status is not None:
+            raise WaitTimeout(f"{self._what} is still {status} after {self._timeout:g} s")
+        return max(0.0, min(cap, left))
 
     def delay(self, status: str) -> float:
         """Seconds to sleep before the next poll; WaitTimeout once the deadline is past."""

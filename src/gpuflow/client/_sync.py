@@ -26,6 +26,10 @@ from gpuflow.client._types import (
 T = TypeVar("T")
 
 
+class _NoStream(Exception):
+    """The server does not stream events: fall back to polling."""
+
+
 class Client:
     """A blocking client for gpuflow's HTTP API.
 
@@ -80,12 +84,20 @@ class Client:
         while True:
             try:
                 response = self._http.request(
-                    call.method, call.path, params=call.params, json=call.body
+                    call.method,
+                    call.path,
+                    params=call.params,
+                    json=call.body,
+                    timeout=self._timeout(call.wait),
                 )
             except httpx.TransportError as exc:
                 time.sleep(calls.retry_after(exc, delays, self.base_url))
                 continue
             return call.decode(response)
+
+    def _timeout(self, wait: float) -> httpx.Timeout:
+        """The timeouts of a call the server may hold ``wait`` seconds."""
+        return httpx.Timeout(self._config.timeout, read=self._config.timeout + wait)
 
     def request(
         self, method: str, path: str, *, params: Params | None = None, json: Any = None
@@ -146,31 +158,79 @@ class Client:
         """``(items, total)``: one page of tasks and the number of all matches."""
         return self._send(calls.list_tasks(status, task_type, gpu_id, user_id, page, size))
 
-    def get_task(self, task_id: str) -> Task:
-        return self._send(calls.get_task(task_id))
+    def get_task(self, task_id: str, wait: float = 0) -> Task:
+        """The task; with ``wait`` (seconds, at most 60), a long-poll: the answer comes as
+        soon as the task is final, or after ``wait`` seconds with its current state."""
+        return self._send(calls.get_task(task_id, wait))
 
     def get_progress(self, task_id: str) -> TaskProgress:
         return self._send(calls.get_progress(task_id))
 
-    def get_result(self, task_id: str) -> TaskResult:
-        return self._send(calls.get_result(task_id))
+    def get_result(self, task_id: str, wait: float = 0) -> TaskResult:
+        """The result; with ``wait`` (seconds, at most 60), a long-poll: the answer comes as
+        soon as the task is final, or after ``wait`` seconds with its current state."""
+        return self._send(calls.get_result(task_id, wait))
 
     def wait(self, task_id: str, timeout: float | None = None, poll_interval: float = 0.5) -> Task:
-        """Poll until the task is COMPLETED / FAILED / TIMEOUT / CANCELED and return it;
-        ``WaitTimeout`` (a ``TimeoutError``) after ``timeout`` seconds."""
+        """Wait until the task is COMPLETED / FAILED / TIMEOUT / CANCELED and return it;
+        ``WaitTimeout`` (a ``TimeoutError``) after ``timeout`` seconds. Long-polls the
+        server (one request per 30 s, answered the moment the task ends); polls every
+        ``poll_interval`` seconds a server that does not long-poll."""
         poll = Poll(f"task {task_id}", timeout, poll_interval)
+        status: str | None = None
         while True:
-            task = self.get_task(task_id)
-            if calls.is_final(task["status"]):
+            window = poll.window(status, calls.LONG_POLL_S)
+            started = time.monotonic()
+            task = self.get_task(task_id, wait=window)
+            status = task["status"]
+            if calls.is_final(status):
                 return task
-            time.sleep(poll.delay(task["status"]))
+            if calls.answered_early(window, time.monotonic() - started):
+                time.sleep(poll.delay(status))
 
     def follow(
         self, task_id: str, timeout: float | None = None, poll_interval: float = 0.5
     ) -> Iterator[TaskProgress]:
         """Yield the task's progress each time its status, percentage or message changes,
-        ending with the final one; ``WaitTimeout`` after ``timeout`` seconds."""
+        ending with the final one; ``WaitTimeout`` after ``timeout`` seconds. Reads the
+        server's event stream (pushed, no polling); polls every ``poll_interval`` seconds
+        a server that does not stream."""
         poll = Poll(f"task {task_id}", timeout, poll_interval)
+        delays = calls.retry_delays(self._config.retries)
+        status: str | None = None
+        while True:
+            window = poll.window(status, calls.STREAM_S)
+            try:
+                for progress in self._events(task_id, window):
+                    status = progress["status"]
+                    if poll.is_news(progress):
+                        yield progress
+                    if calls.is_final(status):
+                        return
+            except _NoStream:
+                break
+            except httpx.TransportError as exc:
+                time.sleep(calls.retry_after(exc, delays, self.base_url))
+        yield from self._poll_progress(task_id, poll)
+
+    def _events(self, task_id: str, window: float) -> Iterator[TaskProgress]:
+        """One event stream of the task, at most ``window`` seconds long."""
+        timeout = httpx.Timeout(self._config.timeout, read=calls.STREAM_READ_S)
+        params = {"wait": f"{window:.3f}"}
+        with self._http.stream(
+            "GET", calls.events_path(task_id), params=params, timeout=timeout
+        ) as response:
+            if not calls.is_event_stream(response):
+                response.read()
+                calls.raise_unless_no_stream(response)
+                raise _NoStream
+            reader = calls.EventReader()
+            for line in response.iter_lines():
+                progress = reader.feed(line)
+                if progress is not None:
+                    yield progress
+
+    def _poll_progress(self, task_id: str, poll: Poll) -> Iterator[TaskProgress]:
         while True:
             progress = self.get_progress(task_id)
             if poll.is_news(progress):

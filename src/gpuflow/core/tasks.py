@@ -55,6 +55,23 @@ def first_set(*values: int | None) -> int:
     return next(v for v in values if v is not None)
 
 
+def task_fields(new: NewTask, tier: Tier, max_retries: int, timeout: int) -> list[Any]:
+    """The field / value pairs ``create_task`` stores for a new task, flat."""
+    fields: dict[str, Any] = {
+        "taskType": new.task_type,
+        "tier": tier.value,
+        "priority": new.priority,
+        "payload": new.payload,
+        "userId": new.user_id,
+        "app": new.app,
+        "env": new.env,
+        "maxRetries": max_retries,
+        "timeout": timeout,
+    }
+    # Empty optional fields are not stored (task_view reads a missing field as null).
+    return [x for kv in fields.items() if kv[1] not in (None, "") for x in kv]
+
+
 def _pairs(flat: list[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -82,20 +99,9 @@ class Tasks:
         cfg = await self.types.get(new.task_type)
         max_retries = first_set(new.max_retries, cfg.max_retries, self.settings.default_max_retries)
         timeout = first_set(new.timeout, cfg.timeout, self.settings.default_timeout_ms)
-        fields: dict[str, Any] = {
-            "taskType": new.task_type,
-            "tier": tier.value,
-            "priority": new.priority,
-            "payload": new.payload,
-            "userId": new.user_id or "",
-            "app": new.app or "",
-            "env": new.env or "",
-            "maxRetries": max_retries,
-            "timeout": timeout,
-        }
+        flat = task_fields(new, tier, max_retries, timeout)
         avg_ms = await self._avg_ms(new.task_type)
         capacity = await self.gpus.capacity(new.task_type, tier)
-        flat = [x for kv in fields.items() for x in kv]
         idem = (
             ("", "")
             if idempotency is None
@@ -175,13 +181,19 @@ class Tasks:
         page: int = 1,
         size: int = 20,
     ) -> tuple[list[dict[str, Any]], int]:
-        """Newest first; returns one page and the total number of matches."""
+        """Newest first; returns one page and the total number of matches.
+
+        One filter, or status and type (their combined index), reads one index: the cost is
+        that of the page. Other combinations intersect their indexes (``ZINTERSTORE``,
+        bounded by the smallest one: a GPU's or a user's tasks)."""
         k = self.keys
+        both = status is not None and task_type is not None
         sets = [
             key
             for cond, key in (
-                (status is not None, k.idx_status(str(status))),
-                (task_type is not None, k.idx_type(task_type or 0)),
+                (both, k.idx_status_type(str(status), task_type or 0)),
+                (status is not None and not both, k.idx_status(str(status))),
+                (task_type is not None and not both, k.idx_type(task_type or 0)),
                 (gpu_id is not None, k.idx_gpu(gpu_id or "")),
                 (user_id is not None, k.idx_user(user_id or "")),
             )

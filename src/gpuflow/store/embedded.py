@@ -3,7 +3,10 @@
 It binds to 127.0.0.1 on a free port with a generated password; the URL (with that password)
 is written to ``<data-dir>/redis.url`` with mode 0600, which is how ``gpuflow worker
 --data-dir`` finds it. A second start on the same data directory reuses port, password and AOF
-files, so every task and GPU record is found again.
+files, so every task and GPU record is found again. Task hashes whose values are all up to
+1 KB (payload, result) keep Redis's compact hash encoding (``hash-max-ziplist-value 1024``;
+Redis's default, 64 bytes, turns a task with a longer payload into a hashtable of about
+twice the memory). A production Redis should set the same (``hash-max-listpack-value`` on 7).
 """
 
 from __future__ import annotations
@@ -138,6 +141,9 @@ class EmbeddedRedis:
                     "daemonize no",
                     "save 900 1",
                     "maxmemory-policy noeviction",
+                    # Task hashes stay in the compact (ziplist / listpack) encoding while every
+                    # value fits: payloads and results up to 1 KB instead of Redis's 64 bytes.
+                    "hash-max-ziplist-value 1024",
                 ]
             )
             + "\n",

@@ -13,6 +13,7 @@ key                             type     meaning
 ``idx:all``                     zset     every task, score = displayId
 ``idx:status:{status}``         zset     tasks by status, score = displayId
 ``idx:type:{type}``             zset     tasks by type
+``idx:st:{status}:{type}``      zset     tasks by status and type (bounded status+type lists)
 ``idx:gpu:{gpuId}``             zset     tasks that ran (or run) on a GPU
 ``idx:user:{userId}``           zset     tasks by owner
 ``leases``                      zset     PROCESSING task ids, score = lease deadline (ms)
@@ -82,6 +83,9 @@ class Keys:
 
     def idx_status(self, status: str) -> str:
         return f"{self.prefix}idx:status:{status}"
+
+    def idx_status_type(self, status: str, task_type: int) -> str:
+        return f"{self.prefix}idx:st:{status}:{task_type}"
 
     def idx_type(self, task_type: int) -> str:
         return f"{self.prefix}idx:type:{task_type}"

@@ -1,6 +1,7 @@
 -- Create a task and queue it.
 -- ARGV[3] idempotency key name ('' = none), ARGV[4] body hash, ARGV[5] its TTL (s),
--- ARGV[6] task id, ARGV[7..] field/value pairs of the task hash (taskType, tier included).
+-- ARGV[6] task id, ARGV[7..] field/value pairs of the task hash (taskType, tier included;
+-- empty optional fields are left out: a missing field reads as null).
 -- Returns {'OK', displayId, queueSeq, deq} (deq = entries already taken from that queue),
 -- {'DUP', taskId} for a repeat of the same key and body, {'CONFLICT', why} for another body.
 local idem, body_hash = ARGV[3], ARGV[4]
@@ -29,6 +30,7 @@ redis.call(unpack(fields))
 local t = redis.call('HMGET', tkey, 'taskType', 'tier', 'userId')
 redis.call('ZADD', P .. 'idx:all', display, id)
 redis.call('ZADD', k_status('QUEUED'), display, id)
+redis.call('ZADD', k_status_type('QUEUED', t[1]), display, id)
 redis.call('ZADD', P .. 'idx:type:' .. t[1], display, id)
 if t[3] and t[3] ~= '' then redis.call('ZADD', P .. 'idx:user:' .. t[3], display, id) end
 enqueue(id, tkey)

@@ -9,6 +9,7 @@ local function k_queue(t, tier) return P .. 'q:' .. t .. ':' .. tier end
 local function k_qstat(t, tier) return P .. 'qstat:' .. t .. ':' .. tier end
 local function k_tstat(t) return P .. 'tstat:' .. t end
 local function k_status(s) return P .. 'idx:status:' .. s end
+local function k_status_type(s, t) return P .. 'idx:st:' .. s .. ':' .. t end
 local function k_gpu(g) return P .. 'gpu:' .. g end
 local function k_running(g) return P .. 'gpu:' .. g .. ':running' end
 local K_LEASES = P .. 'leases'
@@ -34,13 +35,21 @@ local function emit(kind, id, status, extra)
                 'event', kind, 'taskId', id, 'status', status}
   if extra then for _, v in ipairs(extra) do table.insert(args, v) end end
   redis.call(unpack(args))
+  -- Wake whoever awaits this task (long-poll, SSE): costs next to nothing when nobody
+  -- listens. The channel name mirrors gpuflow/core/notify.py (TaskNotifier.channel).
+  if id ~= '' then redis.call('PUBLISH', P .. 'ev:' .. id, status) end
 end
 
--- Move a task between status indexes and write its status field.
+-- Move a task between status indexes (idx:status:{s} and idx:st:{s}:{type}) and write its
+-- status field.
 local function set_status(tkey, id, old, new)
-  local score = redis.call('HGET', tkey, 'displayId')
-  if old and old ~= new then redis.call('ZREM', k_status(old), id) end
-  redis.call('ZADD', k_status(new), score, id)
+  local h = redis.call('HMGET', tkey, 'displayId', 'taskType')
+  if old and old ~= new then
+    redis.call('ZREM', k_status(old), id)
+    redis.call('ZREM', k_status_type(old, h[2]), id)
+  end
+  redis.call('ZADD', k_status(new), h[1], id)
+  redis.call('ZADD', k_status_type(new, h[2]), h[1], id)
   redis.call('HSET', tkey, 'status', new)
   if TERMINAL[new] then redis.call('ZADD', K_FINISHED, now_ms(), id) end
 end

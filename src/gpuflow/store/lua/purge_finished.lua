@@ -9,6 +9,7 @@ for _, id in ipairs(ids) do
   if t[1] then
     redis.call('ZREM', P .. 'idx:all', id)
     redis.call('ZREM', k_status(t[1]), id)
+    redis.call('ZREM', k_status_type(t[1], t[2]), id)
     redis.call('ZREM', P .. 'idx:type:' .. t[2], id)
     if t[3] and t[3] ~= '' then redis.call('ZREM', P .. 'idx:user:' .. t[3], id) end
     for gpu in string.gmatch(t[4] or '', '[^,]+') do

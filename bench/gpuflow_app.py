@@ -1,0 +1,161 @@
+"""gpuflow's side of the benchmark: the worker served by ``gpuflow worker`` (an async no-op
+handler that echoes its payload) and the enqueue / end-to-end drivers.
+
+The drivers run in the orchestrator's process (the project's own venv): the direct path is
+``System.tasks.create`` (what the API calls), the HTTP path is :class:`gpuflow.client.AsyncClient`
+against ``gpuflow api``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from gpuflow.client import AsyncClient
+from gpuflow.config import Settings
+from gpuflow.core.system import System
+from gpuflow.core.tasks import NewTask
+from gpuflow.worker import TaskContext, Worker
+
+TASK_TYPE = 1
+BATCH_CONCURRENCY = 64
+# Over HTTP: 32, as the HTTP ceiling's load generator. At 64 concurrent POSTs the api answered
+# 503 "Redis is unavailable" (its Redis pool, max_connections=64, raised "Too many connections").
+HTTP_CONCURRENCY = 32
+POLL_S = 0.005  # client.wait()'s poll interval while the server has no long-poll
+worker = Worker(ref="bench.gpuflow_app:worker")
+
+
+@worker.handler(TASK_TYPE)
+async def noop(payload: Any, ctx: TaskContext) -> Any:
+    return payload
+
+
+def _pct(samples: list[float]) -> dict[str, float]:
+    ms = sorted(s * 1000 for s in samples)
+    at = lambda p: ms[min(len(ms) - 1, round(p * (len(ms) - 1)))]  # noqa: E731
+    return {"p50": at(0.50), "p99": at(0.99), "n": len(ms)}
+
+
+async def _gather_bounded(
+    n: int, one: Any, deadline_s: float, conc: int = BATCH_CONCURRENCY
+) -> float:
+    sem = asyncio.Semaphore(conc)
+
+    async def run() -> None:
+        async with sem:
+            await one()
+
+    t0 = time.perf_counter()
+    async with asyncio.timeout(deadline_s):
+        await asyncio.gather(*(run() for _ in range(n)))
+    return n / (time.perf_counter() - t0)
+
+
+async def direct_enqueue(
+    url: str, settings: Settings, n: int, *, batch: bool, deadline_s: float
+) -> float:
+    """Tasks/s through ``System.tasks.create``: one at a time, or 64 concurrent."""
+    system = System.connect(url, settings)
+    new = NewTask(task_type=TASK_TYPE, payload="")
+    try:
+        if batch:
+            return await _gather_bounded(n, lambda: system.tasks.create(new), deadline_s)
+        t0 = time.perf_counter()
+        async with asyncio.timeout(deadline_s):
+            for _ in range(n):
+                await system.tasks.create(new)
+        return n / (time.perf_counter() - t0)
+    finally:
+        await system.close()
+
+
+async def http_enqueue(api: str, key: str, n: int, *, batch: bool, deadline_s: float) -> float:
+    """Tasks/s through the Python client (POST /api/v2/tasks): one at a time, or 32 concurrent."""
+    async with AsyncClient(api, api_key=key) as gf:
+        await gf.create_task(TASK_TYPE)  # warm up the connection
+        if batch:
+            one = lambda: gf.create_task(TASK_TYPE)  # noqa: E731
+            return await _gather_bounded(n, one, deadline_s, HTTP_CONCURRENCY)
+        t0 = time.perf_counter()
+        async with asyncio.timeout(deadline_s):
+            for _ in range(n):
+                await gf.create_task(TASK_TYPE)
+        return n / (time.perf_counter() - t0)
+
+
+async def _supports_long_poll(gf: AsyncClient) -> bool:
+    """Whether the server's result route takes ``?wait=S`` (the long-poll being added)."""
+    spec = await gf._http.get("/openapi.json")
+    if spec.status_code != 200:
+        return False
+    for path, ops in spec.json().get("paths", {}).items():
+        if path.startswith("/api/v2/tasks/") and path.endswith("/result"):
+            params = ops.get("get", {}).get("parameters", [])
+            return any(p.get("name") == "wait" and p.get("in") == "query" for p in params)
+    return False
+
+
+async def _breakdown(url: str, settings: Settings, ids: list[str]) -> dict[str, float]:
+    """Median ms from the task records (ms timestamps): created → started (dispatch) and
+    started → completed (run + report)."""
+    system = System.connect(url, settings)
+    try:
+        pipe = system.store.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hmget(system.store.keys.task(task_id), "createdAt", "startedAt", "completedAt")
+        rows = [[int(x) for x in r] for r in await pipe.execute() if all(r)]
+    finally:
+        await system.close()
+    if not rows:
+        return {}
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {
+        "dispatch_ms": med([s - c for c, s, _ in rows]),
+        "run_report_ms": med([d - s for _, s, d in rows]),
+        "in_redis_ms": med([d - c for c, _, d in rows]),
+    }
+
+
+async def http_e2e(
+    api: str, key: str, m: int, deadline_s: float, url: str = "", settings: Settings | None = None
+) -> dict[str, Any]:
+    """Submit one task and wait for its end, ``m`` times; p50 / p99 in ms (and, given the
+    Redis ``url``, where the time goes: see :func:`_breakdown`)."""
+    finals = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELED"}
+    async with AsyncClient(api, api_key=key) as gf:
+        long_poll = await _supports_long_poll(gf)
+
+        ids: list[str] = []
+
+        async def one(i: int) -> None:
+            created = await gf.create_task(TASK_TYPE, {"i": i})
+            task_id = created["taskId"]
+            ids.append(task_id)
+            if long_poll:
+                path = f"/api/v2/tasks/{task_id}/result"
+                for _ in range(60):
+                    data = await gf.request("GET", path, params={"wait": 10})
+                    if data.get("status") in finals:
+                        break
+                status = data.get("status")
+            else:
+                status = (await gf.wait(task_id, poll_interval=POLL_S))["status"]
+            if status != "COMPLETED":
+                raise RuntimeError(f"task {task_id} ended {status}")
+
+        samples: list[float] = []
+        async with asyncio.timeout(deadline_s):
+            await one(-1)
+            for i in range(m):
+                t0 = time.perf_counter()
+                await one(i)
+                samples.append(time.perf_counter() - t0)
+    how = (
+        "GET …/result?wait=10 long-poll"
+        if long_poll
+        else f"client.wait(), {POLL_S * 1000:g} ms poll"
+    )
+    parts = await _breakdown(url, settings, ids[1:]) if url and settings else {}
+    return {**_pct(samples), **parts, "how": how}

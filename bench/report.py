@@ -1,0 +1,215 @@
+"""The results of one run, the targets' PASS / FAIL, and ``docs/benchmarks.md``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PYTHON_PEERS = ("celery", "rq", "arq", "dramatiq", "saq")
+DRAIN_FACTOR = 1.5  # gpuflow's drain ≥ 1.5 × the fastest Python peer
+HTTP_SHARE = 0.5  # POST /api/v2/tasks ≥ 50 % of the bare FastAPI + XADD ceiling
+
+
+@dataclass
+class Results:
+    machine: dict[str, str] = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
+    command: str = ""
+    systems: dict[str, dict[str, Any]] = field(default_factory=dict)
+    http: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scale: list[dict[str, str]] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def system(self, name: str, version: str, setup: str) -> dict[str, Any]:
+        self.systems[name] = {"version": version, "setup": setup}
+        return self.systems[name]
+
+    def targets(self) -> list[tuple[str, str, str]]:
+        """(target, measured, PASS / FAIL / n/a) rows."""
+        rows: list[tuple[str, str, str]] = []
+        gf = self.systems.get("gpuflow", {})
+        peers = {p: self.systems[p] for p in PYTHON_PEERS if "rate" in self.systems.get(p, {})}
+        if "rate" in gf and peers:
+            best = max(peers, key=lambda p: peers[p]["rate"])
+            ratio = gf["rate"] / peers[best]["rate"]
+            rows.append(
+                (
+                    f"drain ≥ {DRAIN_FACTOR} × fastest Python peer ({best})",
+                    f"{gf['rate']:,.0f} vs {peers[best]['rate']:,.0f} tasks/s = {ratio:.2f}×",
+                    _verdict(ratio >= DRAIN_FACTOR),
+                )
+            )
+        else:
+            rows.append((f"drain ≥ {DRAIN_FACTOR} × fastest Python peer", "not measured", "n/a"))
+        bull = self.systems.get("bullmq", {})
+        if "rate" in gf and "rate" in bull:
+            ratio = gf["rate"] / bull["rate"]
+            rows.append(
+                (
+                    "drain ≥ BullMQ",
+                    f"{gf['rate']:,.0f} vs {bull['rate']:,.0f} tasks/s = {ratio:.2f}×",
+                    _verdict(ratio >= 1.0),
+                )
+            )
+        http = self.systems.get("gpuflow (HTTP API)", {}).get("e2e")
+        lat = {
+            n: s["e2e"]
+            for n, s in self.systems.items()
+            if n in (*PYTHON_PEERS, "bullmq") and "e2e" in s
+        }
+        for q in ("p50", "p99"):
+            if http and lat:
+                best = min(lat, key=lambda n: lat[n][q])
+                rows.append(
+                    (
+                        f"e2e {q} over HTTP < best peer's ({best})",
+                        f"{http[q]:.2f} vs {lat[best][q]:.2f} ms",
+                        _verdict(http[q] < lat[best][q]),
+                    )
+                )
+            else:
+                rows.append((f"e2e {q} over HTTP < best peer's", "not measured", "n/a"))
+        gh, bare = self.http.get("gpuflow"), self.http.get("bare")
+        if gh and bare and bare["rps"] > 0:
+            share = gh["rps"] / bare["rps"]
+            rows.append(
+                (
+                    f"POST /api/v2/tasks ≥ {HTTP_SHARE:.0%} of bare FastAPI + XADD",
+                    f"{gh['rps']:,.0f} vs {bare['rps']:,.0f} req/s = {share:.0%}",
+                    _verdict(share >= HTTP_SHARE),
+                )
+            )
+        else:
+            rows.append((f"POST /api/v2/tasks ≥ {HTTP_SHARE:.0%} of bare", "not measured", "n/a"))
+        for row in self.scale:
+            rows.append(
+                (row.get("target") or row["metric"], row["value"], row.get("result", "n/a"))
+            )
+        return rows
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def _num(v: Any, fmt: str = ",.0f") -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def table(results: Results) -> str:
+    n = results.args.get("n", 0)
+    lines = [
+        f"| System | Version | Drain {n:,} no-ops (tasks/s) "
+        "| CPU per drained task, Redis / workers (µs) | Enqueue 1 at a time (tasks/s) "
+        "| Enqueue batch (tasks/s) | E2E p50 (ms) | E2E p99 (ms) | Setup |",
+        "|---|---|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for name, s in results.systems.items():
+        e2e = s.get("e2e") or {}
+        batch = _num(s.get("batch"))
+        if s.get("batch_how"):
+            batch += f" ({s['batch_how']})"
+        cpu = f"{_num(s.get('redis_us'))} / {_num(s.get('worker_us'))}" if "rate" in s else "—"
+        lines.append(
+            f"| {name} | {s['version']} | {_num(s.get('rate'))} | {cpu} | {_num(s.get('single'))} "
+            f"| {batch} | {_num(e2e.get('p50'), '.2f')} | {_num(e2e.get('p99'), '.2f')} "
+            f"| {s['setup']} |"
+        )
+    return "\n".join(lines)
+
+
+def http_table(results: Results) -> str:
+    if not results.http:
+        return "_not run (`--skip-http`)_"
+    conns = results.args.get("conns")
+    lines = ["| Server | req/s | errors |", "|---|--:|--:|"]
+    names = {
+        "gpuflow": "`gpuflow api`: POST /api/v2/tasks (auth, validation, create script)",
+        "bare": "bare FastAPI + one XADD (bench/bare_app.py)",
+    }
+    for key, r in results.http.items():
+        lines.append(f"| {names.get(key, key)} | {r['rps']:,.0f} | {r['errors']} |")
+    lines.append(
+        f"\n{conns} concurrent keep-alive connections from `bench/loadgen.py` "
+        "(aiohttp, one process), "
+        f"{results.args.get('http_seconds')} s after a 1 s warm-up; both servers are one uvicorn "
+        "process with the same settings (uvloop, httptools, no access log)."
+    )
+    return "\n".join(lines)
+
+
+def e2e_note(results: Results) -> str:
+    e2e = results.systems.get("gpuflow (HTTP API)", {}).get("e2e") or {}
+    if "in_redis_ms" not in e2e:
+        return ""
+    return (
+        f"\ngpuflow's end-to-end time, from its task records (medians, ms resolution): "
+        f"created → started {e2e['dispatch_ms']} ms, started → completed "
+        f"{e2e['run_report_ms']} ms; the rest of the {e2e['p50']:.1f} ms p50 is HTTP "
+        f"(create request, long-poll answer). Wait mode: {e2e.get('how', '?')}.\n"
+    )
+
+
+def render(results: Results) -> str:
+    m = results.machine
+    targets = "\n".join(f"| {t} | {v} | **{r}** |" for t, v, r in results.targets())
+    errors = "".join(f"\n- **{k}** did not finish: {v}" for k, v in results.errors.items())
+    return f"""# Benchmarks
+
+_Written by `bench/run.py`; do not edit by hand (rerun it)._
+
+- **Command**: `{results.command}`
+- **Date**: {m.get("date")}
+- **Machine**: {m.get("cores")} cores, {m.get("cpu")}; {m.get("os")}; Python {m.get("python")};
+  load average at the start {m.get("load")} (other work on the machine skews every number)
+- **Redis**: {m.get("redis")}, one server for every system, 127.0.0.1 only
+
+## Targets
+
+| Target | Measured | Result |
+|---|---|---|
+{targets}
+{errors}
+
+## Throughput and latency
+
+{table(results)}
+{e2e_note(results)}
+## HTTP ceiling
+
+{http_table(results)}
+
+## Method
+
+- **Drain**: N no-op tasks are queued first (with the batch path of the table), then the
+  workers start; the rate is timed from the first finished task to the N-th, so interpreter
+  and framework start-up are not counted. gpuflow counts `ZCARD gf:idx:status:COMPLETED`;
+  BullMQ `ZCARD bull:bench:completed`; the Python peers' no-op task does `INCR bench:done`
+  (Celery with `ignore_result` stores nothing else to count), one Redis round trip per task
+  that gpuflow's no-op handler does not make.
+- **CPU per drained task**: CPU seconds (user + system) of the Redis server and of the worker
+  processes with their children, over the same span as the rate, divided by the tasks
+  finished in it: what one task costs each side, whatever else the machine runs.
+- **Enqueue**: 1 at a time = sequential calls of the normal API (gpuflow: `Tasks.create`, the
+  direct Redis path the API itself calls; over HTTP: `AsyncClient.create_task`). Batch = the
+  peer's bulk call where it has one, else 64 concurrent calls (async peers) or a loop; over
+  HTTP 32 concurrent `create_task` (at 64 the api answered 503: its Redis pool ran out).
+- **E2E**: submit one task, wait for its result, {results.args.get("e2e")} times in a row, with
+  the workers of the drain setup idle. gpuflow over HTTP uses
+  `GET /api/v2/tasks/{{id}}/result?wait=` (long-poll) when the server has it, else
+  `AsyncClient.wait()` polling every 5 ms. arq's `Job.result(poll_delay=0.005)` and saq's
+  `Queue.apply(poll_interval=0.005)` poll too (defaults 0.5 s); Celery (Redis result backend,
+  pub/sub), RQ (`latest_result(timeout)`, blocking stream read), dramatiq (`Results`
+  middleware, blocking) and BullMQ (`waitUntilFinished`, stream events) are notified.
+- Every peer is installed in its own virtual environment under `bench/.work/venvs/` (BullMQ with
+  npm under `bench/.work/node/`), each starts from an empty Redis (`FLUSHALL`). Logs of every
+  process are in `bench/.work/logs/`.
+"""
+
+
+def write_report(results: Results, out: Path) -> str:
+    text = render(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text

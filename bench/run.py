@@ -1,0 +1,441 @@
+"""gpuflow against its peers: drain throughput, enqueue throughput, end-to-end latency and the
+HTTP ceiling, all on one Redis server started here; writes ``docs/benchmarks.md``.
+
+    uv run --group bench python -m bench.run            # N = 20,000, every peer
+    uv run --group bench python -m bench.run --quick    # N = 2,000, fewer samples
+
+Peers are installed on first use, each in its own virtual environment under ``--work``
+(BullMQ with npm when ``node`` is on PATH). Every child process runs in its own process group
+and is killed in ``finally``; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import os
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from bench import gpuflow_app as gfa
+from bench.chaos_cluster import Proc, free_port
+from bench.peer_setup import PEERS, PEERS_DIR, Peer, install, version
+from bench.report import Results, write_report
+from bench.runenv import has_node, machine, parse, tree_cpu
+from gpuflow.config import Settings
+from gpuflow.store.embedded import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMESPACE = "gf:"
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work: Path = args.work.resolve()
+        self.logs = self.work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.redis_server = EmbeddedRedis(self.work / "redis", binary=args.redis_server)
+        self.url = ""
+        self.procs: list[Proc] = []
+        self.admin_key = secrets.token_urlsafe(24)
+        self.results = Results()
+
+    # --- processes --------------------------------------------------------------------
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUFLOW_", "VIRTUAL_ENV"))}
+        env.update(
+            BENCH_REDIS_URL=self.url, GPUFLOW_REDIS_URL=self.url, GPUFLOW_NAMESPACE=NAMESPACE,
+            GPUFLOW_ADMIN_KEY=self.admin_key, GPUFLOW_DATA_DIR=str(self.work / "gpuflow-data"),
+            BENCH_PHASE_TIMEOUT_S=str(self.args.phase_timeout), PYTHONPATH=str(ROOT),
+        )  # fmt: skip
+        env.update(extra)
+        return env
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str], cwd: Path = ROOT) -> Proc:
+        proc = Proc(name, argv, env, self.logs / f"{name}.log")
+        proc.popen = None
+        with proc.log.open("ab") as out:
+            proc.popen = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        proc.groups.append(proc.popen.pid)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, procs: list[Proc]) -> None:
+        for proc in procs:
+            proc.close()
+            with contextlib.suppress(ValueError):
+                self.procs.remove(proc)
+
+    def close(self) -> None:
+        self.stop(list(self.procs))
+        self.redis_server.stop()
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=10)
+
+    def flush(self) -> None:
+        with self.redis() as r:
+            r.flushall()
+
+    # --- shared measurements ----------------------------------------------------------
+
+    def drain(
+        self,
+        name: str,
+        count: Callable[[], int],
+        workers: list[Proc],
+        on_first: Callable[[], None] | None = None,
+    ) -> dict[str, float]:
+        """Poll ``count()`` until it reaches N; the rate is timed from the first finished task
+        (so that interpreter and framework start-up are not counted) to the last."""
+        n, t_start = self.args.n, time.monotonic()
+        first: tuple[float, int] | None = None
+        cpu0 = wcpu0 = 0.0
+        calls0: dict[str, int] = {}
+        while True:
+            done, now = count(), time.monotonic()
+            if done > 0 and first is None:
+                first = (now, done)
+                cpu0, wcpu0 = self.redis_cpu(), tree_cpu(workers)
+                calls0 = self.redis_calls()
+                if on_first is not None:
+                    on_first()
+            if done >= n:
+                break
+            if now - t_start > self.args.phase_timeout:
+                raise TimeoutError(f"{name}: {done}/{n} finished after {self.args.phase_timeout} s")
+            dead = [p.name for p in workers if not p.alive]
+            if dead:
+                raise RuntimeError(f"{name}: worker(s) {dead} exited; see {self.logs}")
+            time.sleep(0.01)
+        assert first is not None
+        span = max(now - first[0], 1e-6)
+        # CPU from the first finished task on, as the rate (start-up excluded)
+        measured = max(n - first[1], 1)
+        redis_us = (self.redis_cpu() - cpu0) / measured * 1e6
+        worker_us = (tree_cpu(workers) - wcpu0) / measured * 1e6
+        calls = self.redis_calls()
+        per_task = {k: round((v - calls0.get(k, 0)) / measured, 2) for k, v in calls.items()}
+        return {
+            "calls_per_task": {k: v for k, v in per_task.items() if v >= 0.05},
+            "rate": (n - first[1]) / span,
+            "total_s": now - t_start,
+            "redis_us": redis_us,
+            "worker_us": worker_us,
+        }
+
+    def redis_calls(self) -> dict[str, int]:
+        """Calls per Redis command so far (INFO commandstats), for the log."""
+        with self.redis() as r:
+            stats = r.info("commandstats")
+        return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+    def redis_cpu(self) -> float:
+        """CPU seconds the Redis server has used (user + system)."""
+        with self.redis() as r:
+            info = r.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    def driver(self, peer: Peer, mode: str, count: int) -> dict[str, Any]:
+        argv = [*peer.driver(self.work), mode, str(count)]
+        cwd = self.work / "node" if peer.node else PEERS_DIR
+        env = self.env(PYTHONPATH=str(PEERS_DIR))
+        with (self.logs / f"{peer.name}-driver.log").open("ab") as err:
+            out = subprocess.run(
+                argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=err,
+                timeout=self.args.phase_timeout + 60, check=False,
+            )  # fmt: skip
+        if out.returncode != 0:
+            raise RuntimeError(f"{peer.name} {mode} failed; see {err.name}")
+        return dict(json.loads(out.stdout.decode().strip().splitlines()[-1]))
+
+    # --- peers ------------------------------------------------------------------------
+
+    def run_peer(self, peer: Peer) -> None:
+        print(f"== {peer.name}", flush=True)
+        install(peer, self.work, self.logs / "install.log")
+        row = self.results.system(peer.name, version(peer, self.work), peer.setup)
+        self.flush()
+        row["single"] = self.driver(peer, "single", self.args.enqueue)["rate"]
+        self.flush()
+        batch = self.driver(peer, "batch", self.args.n)
+        row["batch"], row["batch_how"] = batch["rate"], batch.get("how", "")
+        cwd = self.work / "node" if peer.node else PEERS_DIR
+        env = self.env(PYTHONPATH=str(PEERS_DIR))
+        workers = [
+            self.spawn(f"{peer.name}-w{i}", argv, env, cwd)
+            for i, argv in enumerate(peer.workers(self.work))
+        ]
+        try:
+            with self.redis() as r:
+                row.update(
+                    self.drain(peer.name, lambda: int(r.execute_command(*peer.count) or 0), workers)
+                )
+            row["e2e"] = self.driver(peer, "e2e", self.args.e2e)
+        finally:
+            self.stop(workers)
+        print(f"   {row}", flush=True)
+
+    # --- gpuflow ----------------------------------------------------------------------
+
+    def settings(self) -> Settings:
+        return Settings(redis_url=self.url, namespace=NAMESPACE, admin_key=self.admin_key)
+
+    def start_api(self, port: int) -> Proc:
+        argv = [sys.executable, "-m", "gpuflow", "api", "--port", str(port)]
+        proc = self.spawn("gpuflow-api", argv, self.env())
+        self.wait_http(proc, f"http://127.0.0.1:{port}/health")
+        return proc
+
+    def wait_http(self, proc: Proc, url: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not proc.alive:
+                raise RuntimeError(f"{proc.name} exited; see {proc.log}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url, timeout=1).status_code < 500:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"{proc.name} not answering {url} after {timeout:g} s")
+
+    def gpuflow_workers(self, setup: str) -> list[Proc]:
+        procs, gpus, conc = (int(x) for x in setup.split("x"))
+        return [
+            self.spawn(
+                f"gpuflow-w{i}",
+                [
+                    sys.executable,
+                    "-m",
+                    "gpuflow",
+                    "worker",
+                    "bench.gpuflow_app:worker",
+                    "--gpus",
+                    str(gpus),
+                    "--concurrency",
+                    str(conc),
+                    "--redis-url",
+                    self.url,
+                    "--name",
+                    f"bench{i}",
+                    "--grace",
+                    "1",
+                    "--log-level",
+                    "WARNING",
+                ],
+                self.env(),
+            )
+            for i in range(procs)
+        ]
+
+    def run_gpuflow(self) -> None:
+        import gpuflow
+
+        print("== gpuflow", flush=True)
+        setup = self.args.gpuflow_setup
+        procs, gpus, conc = setup.split("x")
+        desc = (
+            f"{procs} `gpuflow worker` processes × {gpus} simulated GPU × `--concurrency {conc}`, "
+            "async no-op handler"
+        )
+        row = self.results.system("gpuflow", gpuflow.__version__, desc)
+        http = self.results.system(
+            "gpuflow (HTTP API)",
+            gpuflow.__version__,
+            "1 `gpuflow api` (uvicorn) + the workers above; `gpuflow.client.AsyncClient`",
+        )
+        s, n, t = self.settings(), self.args.n, float(self.args.phase_timeout)
+        self.flush()
+        port = free_port()
+        api_url, key = f"http://127.0.0.1:{port}", self.admin_key
+        api = self.start_api(port)
+        try:
+            row["batch"] = asyncio.run(gfa.direct_enqueue(self.url, s, n, batch=True, deadline_s=t))
+            row["batch_how"] = f"`Tasks.create`, {gfa.BATCH_CONCURRENCY} concurrent (no bulk call)"
+            workers = self.gpuflow_workers(setup)
+            spies: list[Proc | None] = []
+            try:
+                key_done = f"{NAMESPACE}idx:status:COMPLETED"
+                with self.redis() as r:
+                    row.update(
+                        self.drain(
+                            "gpuflow",
+                            lambda: int(r.zcard(key_done)),
+                            workers,
+                            on_first=lambda: spies.append(self.py_spy("gpuflow-w0", workers[0])),
+                        )
+                    )
+                for spy in spies:
+                    self.py_spy_wait(spy)
+                http["e2e"] = asyncio.run(gfa.http_e2e(api_url, key, self.args.e2e, t, self.url, s))
+            finally:
+                self.stop(workers)
+            m = self.args.enqueue
+            row["single"] = asyncio.run(
+                gfa.direct_enqueue(self.url, s, m, batch=False, deadline_s=t)
+            )
+            http["single"] = asyncio.run(
+                gfa.http_enqueue(api_url, key, m, batch=False, deadline_s=t)
+            )
+            http["batch"] = asyncio.run(gfa.http_enqueue(api_url, key, m, batch=True, deadline_s=t))
+            http["batch_how"] = f"`create_task`, {gfa.HTTP_CONCURRENCY} concurrent (no bulk call)"
+            if not self.args.skip_http:
+                hdr = f"Authorization: Bearer {key}"
+                spy = self.py_spy("gpuflow-api", api, delay=1.0)
+                self.results.http["gpuflow"] = self.loadgen(f"{api_url}/api/v2/tasks", hdr)
+                self.py_spy_wait(spy)
+        finally:
+            self.stop([api])
+        print(f"   {row}\n   {http}", flush=True)
+
+    def py_spy(self, name: str, target: Proc, delay: float = 0.0) -> Proc | None:
+        """With ``--py-spy BINARY``: sample ``target`` for ``--py-spy-seconds`` into
+        ``logs/NAME.pyspy.txt`` (collapsed stacks; ``--py-spy-format`` to change)."""
+        if not self.args.py_spy:
+            return None
+        time.sleep(delay)
+        out = self.logs / f"{name}.pyspy.{self.args.py_spy_format}"
+        argv = [
+            self.args.py_spy, "record", "--pid", str(target.pid), "--rate", "250",
+            "--duration", str(self.args.py_spy_seconds), "--format", self.args.py_spy_format,
+            "--output", str(out), "--nonblocking",
+        ]  # fmt: skip
+        return self.spawn(f"py-spy-{name}", argv, self.env())
+
+    def py_spy_wait(self, spy: Proc | None) -> None:
+        if spy is not None and spy.popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                spy.popen.wait(self.args.py_spy_seconds + 30)
+            self.stop([spy])
+
+    # --- HTTP ceiling -----------------------------------------------------------------
+
+    def loadgen(self, url: str, header: str | None = None) -> dict[str, Any]:
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            url,
+            "--conns",
+            str(self.args.conns),
+            "--seconds",
+            str(self.args.http_seconds),
+        ]
+        if header:
+            argv += ["--header", header]
+        out = subprocess.run(
+            argv,
+            cwd=ROOT,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=self.args.http_seconds + 60,
+            check=True,
+        )
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    def run_bare(self) -> None:
+        print("== bare FastAPI + XADD", flush=True)
+        port = free_port()
+        proc = self.spawn(
+            "bare-app", [sys.executable, "-m", "bench.bare_app", str(port)], self.env()
+        )
+        try:
+            self.wait_http(proc, f"http://127.0.0.1:{port}/docs")
+            self.results.http["bare"] = self.loadgen(f"http://127.0.0.1:{port}/api/v2/tasks")
+        finally:
+            self.stop([proc])
+        print(f"   {self.results.http}", flush=True)
+
+    # --- scale rows (bench/scale.py, by another suite) --------------------------------
+
+    def run_scale(self) -> None:
+        """With ``--scale``: the rows of ``bench.scale.scale_rows`` (memory per task, list p99
+        at 1M tasks, heartbeat CPU; another suite) on this Redis, which it flushes."""
+        try:
+            scale = importlib.import_module("bench.scale")
+        except ImportError:
+            return
+        rows_fn = getattr(scale, "scale_rows", None)
+        if rows_fn is None:
+            return
+        print("== scale (bench/scale.py)", flush=True)
+        self.flush()
+        kw: dict[str, Any] = {"redis_url": self.url}
+        if self.args.quick:
+            kw.update(tasks=100_000, core_tasks=10_000, calls=50, seconds=5.0)
+        for row in rows_fn(**kw):
+            self.results.scale.append(
+                {
+                    "metric": row.name,
+                    "value": f"{row.value:g} {row.unit}".strip(),
+                    "target": f"{row.name} {row.target}" if row.target != "-" else "",
+                    "result": row.verdict,
+                }
+            )
+
+    # --- all --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        # A fresh server: an AOF left by an earlier run can take long to load.
+        shutil.rmtree(self.work / "redis", ignore_errors=True)
+        self.url = self.redis_server.start()
+        os.environ["BENCH_REDIS_URL"] = self.url
+        with self.redis() as r:
+            self.results.machine = machine(r, self.args.redis_server)
+        self.results.args = vars(self.args) | {"work": str(self.args.work)}
+        argv = shlex.join(sys.argv[1:])
+        self.results.command = f"uv run --group bench python -m bench.run {argv}".rstrip()
+        steps: list[tuple[str, Callable[[], None]]] = []
+        if "gpuflow" in self.args.only:
+            steps.append(("gpuflow", self.run_gpuflow))
+        if not self.args.skip_http and "gpuflow" in self.args.only:
+            steps.append(("bare", self.run_bare))
+        for name in self.args.only:
+            if name in PEERS and (not PEERS[name].node or has_node()):
+                steps.append((name, lambda p=PEERS[name]: self.run_peer(p)))
+        if self.args.scale:
+            steps.append(("scale", self.run_scale))
+        for name, step in steps:
+            try:
+                step()
+            except Exception as exc:  # one failed peer must not sink the others
+                print(f"!! {name} failed: {exc!r} (traceback in logs/errors.log)", flush=True)
+                with (self.logs / "errors.log").open("a") as log:
+                    log.write(f"--- {name}\n{traceback.format_exc()}\n")
+                self.results.errors[name] = str(exc)
+        self.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    bench = Bench(args)
+    try:
+        bench.run()
+    finally:
+        bench.close()
+    text = write_report(bench.results, args.out)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

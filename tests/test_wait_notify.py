@@ -1,0 +1,107 @@
+"""TaskNotifier, the shared Pub/Sub connection behind long-poll and SSE: wake-ups, bounds,
+and what happens when its connection drops (waiters fall back, then it resubscribes)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gpuflow.core.errors import Unavailable
+from gpuflow.core.notify import CLIENT_NAME, RESYNC, TaskNotifier
+from gpuflow.core.tasks import NewTask
+from gpuflow.store import Store
+
+from .conftest import Services
+
+
+@pytest.fixture
+async def notifier(redis_url: str, store: Store) -> AsyncIterator[TaskNotifier]:
+    hub = TaskNotifier(redis_url, store.settings.namespace, max_watchers=3)
+    hub.start()
+    try:
+        yield hub
+    finally:
+        await hub.close()
+
+
+async def until(check: object, what: str) -> None:
+    for _ in range(2000):
+        if check() if callable(check) else check:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"never {what}")
+
+
+async def numsub(store: Store, task_id: str) -> int:
+    ((_, n),) = await store.redis.pubsub_numsub(f"{store.settings.namespace}ev:{task_id}")
+    return int(n)
+
+
+async def test_a_transition_wakes_its_watchers_only(notifier: TaskNotifier, store: Store) -> None:
+    await until(lambda: notifier.connected, "connected")
+    async with notifier.watch("t1") as w1, notifier.watch("t1") as w1b, notifier.watch("t2") as w2:
+        assert w1.live and w1b.live and w2.live
+        assert await numsub(store, "t1") == 1  # one subscription per task, shared
+        await store.redis.publish(notifier.channel("t1"), "COMPLETED")
+        assert await w1.next(5) == "COMPLETED" and await w1b.next(5) == "COMPLETED"
+        assert await w2.next(0.01) is None
+    await until(lambda: notifier.watchers == 0, "released")
+    for _ in range(200):  # UNSUBSCRIBE went out after the last watcher left
+        if await numsub(store, "t1") == 0:
+            break
+        await asyncio.sleep(0.005)
+    assert await numsub(store, "t1") == 0
+
+
+async def test_the_lua_emit_publishes_each_transition(
+    notifier: TaskNotifier, services: Services
+) -> None:
+    tasks = services.tasks
+    task_id = (await tasks.create(NewTask(task_type=1)))["taskId"]
+    await until(lambda: notifier.connected, "connected")
+    async with notifier.watch(task_id) as w:
+        await tasks.cancel(task_id)
+        assert await w.next(5) == "CANCELED"
+
+
+async def test_watchers_are_bounded(notifier: TaskNotifier) -> None:
+    async with notifier.watch("a"), notifier.watch("b"), notifier.watch("c"):
+        with pytest.raises(Unavailable):
+            async with notifier.watch("d"):
+                pass
+    assert notifier.watchers == 0
+
+
+async def test_a_dropped_connection_falls_back_then_resubscribes(
+    notifier: TaskNotifier, store: Store
+) -> None:
+    await until(lambda: notifier.connected, "connected")
+    async with notifier.watch("t1") as w:
+        assert w.live
+        await store.redis.execute_command("CLIENT", "KILL", "SKIPME", "yes", "TYPE", "pubsub")
+        # Told to re-read at once; while not live, next() returns within FALLBACK_S.
+        assert await w.next(5) == RESYNC
+        # Back: resubscribed, and told to re-read once more (a note may have been missed).
+        await until(lambda: w.live, "live again")
+        assert await w.next(5) == RESYNC
+        assert await numsub(store, "t1") == 1
+        await store.redis.publish(notifier.channel("t1"), "FAILED")
+        assert await w.next(5) == "FAILED"
+    names = await store.redis.execute_command("CLIENT", "LIST", "TYPE", "pubsub")
+    assert CLIENT_NAME in str(names)
+
+
+async def test_not_connected_waits_fall_back_to_short_waits(store: Store) -> None:
+    hub = TaskNotifier("redis://127.0.0.1:1", store.settings.namespace)  # nothing listens
+    hub.start()
+    try:
+        async with hub.watch("t") as w:
+            assert not w.live
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            assert await w.next(30) is None
+            assert loop.time() - started < 5
+    finally:
+        await hub.close()
