@@ -38,5 +38,10 @@ pytest: install
 
 test: lint typecheck pytest
 
+# Benchmarks against Celery, RQ, arq, dramatiq, saq (and BullMQ with Node.js); writes
+# docs/benchmarks.md. BENCH_ARGS=--quick for a short run, --scale for the 1M-task rows.
+bench: install
+	$(RUN) --group bench python -m bench.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(TOOLS) $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
-from starlette.responses import Response
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpuflow import __version__
 from gpuflow.api import (
@@ -76,16 +76,7 @@ def create_app(settings: Settings, redis_url: str, *, background: bool = True) -
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    limit = settings.max_payload_bytes * 2 + 65_536
-
-    @app.middleware("http")
-    async def body_limit(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limit:
-            return error(413, f"request body over {limit} bytes")
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=settings.max_payload_bytes * 2 + 65_536)
 
     for module in (
         routes_tasks,
@@ -116,3 +107,23 @@ def _document_400_not_422(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+class BodyLimit:
+    """Refuse a declared Content-Length over ``limit`` with 413. A plain ASGI middleware:
+    Starlette's BaseHTTPMiddleware costs a task group and streams per request."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"content-length":
+                    if value.isdigit() and int(value) > self.limit:
+                        resp = error(413, f"request body over {self.limit} bytes")
+                        await resp(scope, receive, send)
+                        return
+                    break
+        await self.app(scope, receive, send)

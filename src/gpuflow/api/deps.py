@@ -16,7 +16,8 @@ _bearer = HTTPBearer(auto_error=False, description="An API key as a Bearer token
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
 
 
-def get_system(request: Request) -> System:
+async def get_system(request: Request) -> System:
+    # async on purpose: a plain def dependency would cost a threadpool hop per request.
     system: System = request.app.state.system
     return system
 

@@ -10,10 +10,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import uvicorn
 
 from gpuflow.adminkey import load_or_create_admin_key
-from gpuflow.api.app import create_app
 from gpuflow.config import Settings
 from gpuflow.store.embedded import EmbeddedRedis, EmbeddedRedisError
 
@@ -58,6 +56,11 @@ def _serve(settings: Settings, redis_url: str) -> None:
     # uvicorn re-raises the signal it stopped on; a Python handler turns SIGTERM into
     # SystemExit so that the caller's cleanup (demo worker, embedded Redis) still runs.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # Imported here: `gpuflow worker` and the client commands need neither FastAPI nor uvicorn.
+    import uvicorn
+
+    from gpuflow.api.app import create_app
+
     app = create_app(settings, redis_url)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level="info", access_log=False,
