@@ -95,8 +95,12 @@ class Loader:
                     fields = task_fields(
                         new, Tier.NORMAL, s.default_max_retries, s.default_timeout_ms
                     )
-                    self._call(p, "create_task", "", "", s.idempotency_ttl_s, task_id, *fields)
-                    p.hset(self.keys.task(task_id), "estimatedWaitTime", -1)
+                    # capacity 0: no GPU serves these yet, so the script stores -1 as
+                    # Tasks.create would
+                    self._call(
+                        p, "create_task", "", "", s.idempotency_ttl_s, 0,
+                        s.default_processing_ms, task_id, *fields,
+                    )  # fmt: skip
                 p.execute()
             done = min(done + batch, n)
             yield done

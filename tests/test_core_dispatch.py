@@ -115,8 +115,8 @@ async def test_a_resent_create_script_answers_the_same_task(services: Services) 
     """redis-py resends a command after a dropped connection; the task id makes it safe."""
     s = services
     fields = ["taskType", 1, "tier", "NORMAL", "payload", "x", "maxRetries", 0, "timeout", 1000]
-    first = await s.store.scripts.call("create_task", "", "", 60, "task_same", *fields)
-    again = await s.store.scripts.call("create_task", "", "", 60, "task_same", *fields)
+    first = await s.store.scripts.call("create_task", "", "", 60, 1, 1000, "task_same", *fields)
+    again = await s.store.scripts.call("create_task", "", "", 60, 1, 1000, "task_same", *fields)
     assert first == again and first[0] == "OK"
     _, total = await s.tasks.list()
     assert total == 1

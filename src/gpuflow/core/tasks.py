@@ -100,7 +100,6 @@ class Tasks:
         max_retries = first_set(new.max_retries, cfg.max_retries, self.settings.default_max_retries)
         timeout = first_set(new.timeout, cfg.timeout, self.settings.default_timeout_ms)
         flat = task_fields(new, tier, max_retries, timeout)
-        avg_ms = await self._avg_ms(new.task_type)
         capacity = await self.gpus.capacity(new.task_type, tier)
         idem = (
             ("", "")
@@ -108,17 +107,20 @@ class Tasks:
             else (self.keys.idem(idempotency.scope, idempotency.key), idempotency.body_hash)
         )
         reply = await self.store.scripts.call(
-            "create_task", *idem, self.settings.idempotency_ttl_s, task_id, *flat
+            "create_task",
+            *idem,
+            self.settings.idempotency_ttl_s,
+            capacity,
+            self.settings.default_processing_ms,
+            task_id,
+            *flat,
         )
         if reply[0] == "DUP":
             first = await self.get(reply[1])
             return {k: first[k] for k in ("taskId", "displayId", "status", "estimatedWaitTime")}
         if reply[0] == "CONFLICT":
             raise Conflict(reply[1])
-        display, seq, deq = reply[1:]
-        ahead = int(seq) - int(deq) - 1 + await self._vip_ahead(new.task_type, tier)
-        wait = wait_seconds(ahead, capacity, avg_ms)
-        await self.store.redis.hset(self.keys.task(task_id), "estimatedWaitTime", wait)
+        display, wait = reply[1], int(reply[2])
         return {
             "taskId": task_id,
             "displayId": int(display),

@@ -1,8 +1,13 @@
 -- Create a task and queue it.
 -- ARGV[3] idempotency key name ('' = none), ARGV[4] body hash, ARGV[5] its TTL (s),
--- ARGV[6] task id, ARGV[7..] field/value pairs of the task hash (taskType, tier included;
+-- ARGV[6] capacity serving (type, tier), ARGV[7] processing ms assumed while the type has
+-- no measured average (tstat avgMs),
+-- ARGV[8] task id, ARGV[9..] field/value pairs of the task hash (taskType, tier included;
 -- empty optional fields are left out: a missing field reads as null).
--- Returns {'OK', displayId, queueSeq, deq} (deq = entries already taken from that queue),
+-- Writes estimatedWaitTime = ceil(ceil(ahead / capacity) * avg_s + avg_s), -1 with no capacity
+-- (the formula of core/estimate.py), ahead = tasks before it in its queue + queued VIP tasks
+-- of its type for a NORMAL task.
+-- Returns {'OK', displayId, estimatedWaitTime},
 -- {'DUP', taskId} for a repeat of the same key and body, {'CONFLICT', why} for another body.
 local idem, body_hash = ARGV[3], ARGV[4]
 if idem ~= '' then
@@ -13,19 +18,18 @@ if idem ~= '' then
     return {'CONFLICT', 'Idempotency-Key was used with a different request body'}
   end
 end
-local id = ARGV[6]
+local id = ARGV[8]
 local tkey = k_task(id)
 if redis.call('EXISTS', tkey) == 1 then
   -- The same call resent by the client after a dropped connection (the id is per request).
-  local t = redis.call('HMGET', tkey, 'displayId', 'queueSeq', 'taskType', 'tier')
-  local deq = redis.call('HGET', k_qstat(t[3], t[4]), 'deq') or '0'
-  return {'OK', tonumber(t[1]), tonumber(t[2] or 0), tonumber(deq)}
+  local t = redis.call('HMGET', tkey, 'displayId', 'estimatedWaitTime')
+  return {'OK', tonumber(t[1]), tonumber(t[2] or -1)}
 end
 local display = redis.call('INCR', P .. 'seq:display')
 local now = now_ms()
 local fields = {'HSET', tkey, 'taskId', id, 'displayId', display, 'status', 'QUEUED',
                 'createdAt', now, 'updatedAt', now, 'attempt', 0, 'retryCount', 0, 'progress', 0}
-for i = 7, #ARGV do table.insert(fields, ARGV[i]) end
+for i = 9, #ARGV do table.insert(fields, ARGV[i]) end
 redis.call(unpack(fields))
 local t = redis.call('HMGET', tkey, 'taskType', 'tier', 'userId')
 redis.call('ZADD', P .. 'idx:all', display, id)
@@ -35,10 +39,21 @@ redis.call('ZADD', P .. 'idx:type:' .. t[1], display, id)
 if t[3] and t[3] ~= '' then redis.call('ZADD', P .. 'idx:user:' .. t[3], display, id) end
 enqueue(id, tkey)
 emit('created', id, 'QUEUED', {'taskType', t[1]})
-local seq = redis.call('HGET', tkey, 'queueSeq')
-local deq = redis.call('HGET', k_qstat(t[1], t[2]), 'deq') or '0'
+local ahead = tonumber(redis.call('HGET', tkey, 'queueSeq')) - 1 -
+              tonumber(redis.call('HGET', k_qstat(t[1], t[2]), 'deq') or '0')
+if t[2] ~= 'VIP' then
+  local v = redis.call('HMGET', k_qstat(t[1], 'VIP'), 'enq', 'deq')
+  ahead = ahead + math.max(tonumber(v[1] or 0) - tonumber(v[2] or 0), 0)
+end
+local avg_ms = redis.call('HGET', k_tstat(t[1]), 'avgMs') or ARGV[7]
+local capacity, avg_s = tonumber(ARGV[6]), tonumber(avg_ms) / 1000
+local wait = -1
+if capacity > 0 then
+  wait = math.ceil(math.ceil(math.max(ahead, 0) / capacity) * avg_s + avg_s)
+end
+redis.call('HSET', tkey, 'estimatedWaitTime', wait)
 if idem ~= '' then
   redis.call('SET', idem, id .. ' ' .. body_hash, 'EX', ARGV[5])
   redis.call('HSET', tkey, 'idemKey', idem)
 end
-return {'OK', display, tonumber(seq), tonumber(deq)}
+return {'OK', display, wait}
