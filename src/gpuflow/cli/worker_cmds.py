@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import uvloop
 
 from gpuflow.config import get_settings
 from gpuflow.store.embedded import EmbeddedRedisError, read_url
@@ -148,7 +149,9 @@ def worker(
         raise typer.Exit(2) from exc
     for node in nodes:
         log.info("node %s: %s", node.gpu_id, node.metadata)
-    code = asyncio.run(_serve(served, make_transport, nodes, grace))
+    # uvloop: the agent's loop is the hot path of every task (claim, report, heartbeat).
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        code = runner.run(_serve(served, make_transport, nodes, grace))
     raise typer.Exit(code)
 
 
