@@ -209,7 +209,7 @@ async def post_status(
     return envelope("task status updated")
 
 
-async def _apply_status(system: Any, task_id: str, body: TaskStatusUpdate) -> None:
+async def _apply_status(system: System, task_id: str, body: TaskStatusUpdate) -> None:
     tasks = system.tasks
     if body.status == "PROCESSING":
         if not body.gpuId:

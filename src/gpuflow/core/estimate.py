@@ -11,6 +11,8 @@
   (``completedAt - startedAt``), or ``GPUFLOW_DEFAULT_PROCESSING_MS`` before the first sample.
 
 With no ACTIVE GPU able to serve it the wait is unknown and reported as ``-1``.
+``store/lua/create_task.lua`` computes the same formula at creation, so that creating a
+task stays one round trip; keep the two in step.
 ``queuePosition`` is ``ahead + 1`` for a QUEUED task and 0 once it runs.
 """
 
