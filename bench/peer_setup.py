@@ -115,7 +115,7 @@ PEERS: dict[str, Peer] = {
         ),
         Peer(
             "saq",
-            ["saq", "hiredis", "typing_extensions"],
+            ["saq[redis]", "hiredis", "typing_extensions"],
             lambda w: [[str(w / "venvs/saq/bin/saq"), "saq_app.settings", "--workers", "2"]],
             "`saq` with 2 worker processes × concurrency 10 (the default)",
         ),
@@ -132,7 +132,7 @@ PEERS: dict[str, Peer] = {
 
 
 def _uv() -> str | None:
-    for candidate in (shutil.which("uv"), "/tmp/tools/bin/uv", ".tools/bin/uv"):
+    for candidate in (shutil.which("uv"), ".tools/bin/uv"):
         if candidate and Path(candidate).is_file():
             return candidate
     return None

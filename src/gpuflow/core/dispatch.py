@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 from redis.exceptions import ResponseError
 
 from gpuflow.core.errors import NotFound
 from gpuflow.core.gpus import Gpus
-from gpuflow.core.models import GpuStatus
 from gpuflow.core.tasks import started_tasks
 from gpuflow.store import Store
 from gpuflow.store.keys import GROUP
+
+#: How long a node's stream list is reused before it is read again. The claim script checks
+#: the node's status and existence itself on every call; only a change of its task types
+#: (a new registration) takes up to this long to be seen.
+STREAMS_TTL_S = 1.0
 
 
 class Dispatcher:
@@ -29,15 +34,23 @@ class Dispatcher:
         self.store = store
         self.gpus = gpus
         self.blocking = blocking
+        self._streams: dict[str, tuple[float, list[str]]] = {}
 
-    async def _node(self, gpu_id: str) -> tuple[str, list[str]]:
+    async def _node_streams(self, gpu_id: str) -> list[str]:
+        """The streams the node reads, highest priority first (cached ``STREAMS_TTL_S``)."""
+        now = time.monotonic()
+        cached = self._streams.get(gpu_id)
+        if cached is not None and now - cached[0] < STREAMS_TTL_S:
+            return cached[1]
         h = await self.store.redis.hmget(
-            self.store.keys.gpu(gpu_id), "status", "supportedTaskTypes", "supportedTaskPriority"
+            self.store.keys.gpu(gpu_id), "supportedTaskTypes", "supportedTaskPriority"
         )
         if h[0] is None:
+            self._streams.pop(gpu_id, None)
             raise NotFound(f"GPU {gpu_id} not registered")
-        streams = self.gpus.streams_for(json.loads(h[1] or "[]"), h[2] or "NORMAL")
-        return h[0], streams
+        streams = self.gpus.streams_for(json.loads(h[0] or "[]"), h[1] or "NORMAL")
+        self._streams[gpu_id] = (now, streams)
+        return streams
 
     async def _claim(
         self, gpu_id: str, streams: list[str], pre: list[tuple[str, str, str]], recover: bool
@@ -57,7 +70,8 @@ class Dispatcher:
                 *streams,
             )
         except ResponseError as exc:
-            if "NOGPU" in str(exc):  # deleted between our read and the script
+            if "NOGPU" in str(exc):  # deleted (or never registered)
+                self._streams.pop(gpu_id, None)
                 raise NotFound(f"GPU {gpu_id} not registered") from exc
             raise
         return started_tasks(reply)
@@ -66,14 +80,14 @@ class Dispatcher:
         self, gpu_id: str, wait_s: float = 0.0, *, recover: bool = False
     ) -> list[dict[str, Any]]:
         """Start what the node can take now; if nothing, wait up to ``wait_s`` for a task."""
-        status, streams = await self._node(gpu_id)
-        if status != GpuStatus.ACTIVE or not streams:
+        streams = await self._node_streams(gpu_id)
+        if not streams:
             await asyncio.sleep(min(wait_s, 1.0))
             return []
         free, started = await self._claim(gpu_id, streams, [], recover)
         if started or wait_s <= 0:
             return started
-        if free <= 0:
+        if free <= 0:  # busy, locked, or not ACTIVE (the script looks)
             await asyncio.sleep(min(wait_s, 1.0))
             return []
         reply = await self.blocking.xreadgroup(

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gpuflow.core.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
+from gpuflow.core.coalesce import Coalescer
+from gpuflow.core.errors import (
+    Conflict,
+    GpuflowError,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+)
 from gpuflow.core.estimate import wait_seconds
 from gpuflow.core.gpus import Gpus
 from gpuflow.core.models import TaskStatus, Tier, parse_json_or_text, task_view
@@ -17,6 +25,8 @@ from gpuflow.store import Store
 # Our own generator: jitter must not disturb (or be disturbed by) the global one.
 _RNG = random.Random()
 FINAL_OUTCOMES = (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.TIMEOUT)
+#: Results longer than this (characters) are reported in a script call of their own.
+BATCHED_TEXT_MAX = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +86,18 @@ def _pairs(flat: list[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
+@dataclass(frozen=True, slots=True)
+class Report:
+    """The end of one attempt, as its worker reports it."""
+
+    task_id: str
+    outcome: TaskStatus
+    text: str
+    gpu_id: str | None = None
+    attempt: int | None = None
+    retryable: bool = True
+
+
 class Tasks:
     """The task side of the domain, over one :class:`Store`."""
 
@@ -85,6 +107,7 @@ class Tasks:
         self.settings = store.settings
         self.gpus = gpus
         self.types = types or TaskTypes(store)
+        self._finisher: Coalescer[Report, TaskStatus] = Coalescer(self.finish_many)
 
     def tier_of(self, priority: int) -> Tier:
         return Tier.VIP if priority >= self.settings.vip_priority else Tier.NORMAL
@@ -297,27 +320,70 @@ class Tasks:
         attempt: int | None = None,
         retryable: bool = True,
     ) -> TaskStatus:
-        """Record an attempt's end; a retryable failure with retries left goes back to QUEUED."""
-        if outcome not in FINAL_OUTCOMES:
-            raise InvalidInput(f"{outcome} is not a final outcome")
-        if len(text.encode()) > self.settings.max_payload_bytes:
-            raise PayloadTooLarge(f"result is larger than {self.settings.max_payload_bytes} bytes")
+        """Record an attempt's end; a retryable failure with retries left goes back to QUEUED.
+
+        Concurrent calls share one script call (see :mod:`gpuflow.core.coalesce`); each is
+        applied as if it came alone."""
+        report = Report(task_id, outcome, text, gpu_id, attempt, retryable)
+        if len(text) > BATCHED_TEXT_MAX:  # large results go alone: batches stay small
+            (result,) = await self.finish_many([report])
+            if isinstance(result, Exception):
+                raise result
+            return result
+        return await self._finisher.submit(report)
+
+    async def finish_many(self, reports: Sequence[Report]) -> Sequence[TaskStatus | GpuflowError]:
+        """Record several attempts' ends in one script call, in order. A report that is
+        refused (bad outcome, too large, unknown task, stale attempt) gets its error in its
+        place; the others land."""
         s = self.settings
-        reply = await self.store.scripts.call(
-            "finish_task",
-            task_id,
-            "" if attempt is None else attempt,
-            gpu_id or "",
-            outcome.value,
-            text,
-            1 if retryable else 0,
-            s.retry_base_ms,
-            s.gpu_fault_threshold,
-            s.retry_max_ms,
-            _RNG.uniform(0.5, 1.0),
-        )
-        _raise_for(reply, task_id)
-        return TaskStatus(reply[1])
+        checked: list[GpuflowError | None] = []
+        args: list[Any] = []
+        for r in reports:
+            err = self._refusal(r)
+            checked.append(err)
+            if err is None:
+                args += [
+                    r.task_id,
+                    "" if r.attempt is None else r.attempt,
+                    r.gpu_id or "",
+                    r.outcome.value,
+                    r.text,
+                    1 if r.retryable else 0,
+                    _RNG.uniform(0.5, 1.0),
+                ]
+        replies: Iterator[list[Any]] = iter(())
+        if args:
+            replies = iter(
+                await self.store.scripts.call(
+                    "finish_task",
+                    s.retry_base_ms,
+                    s.gpu_fault_threshold,
+                    s.retry_max_ms,
+                    len(args) // 7,
+                    *args,
+                )
+            )
+        results: list[TaskStatus | GpuflowError] = []
+        for r, err in zip(reports, checked, strict=True):
+            if err is not None:
+                results.append(err)
+                continue
+            reply = next(replies)
+            try:
+                _raise_for(reply, r.task_id)
+            except GpuflowError as exc:
+                results.append(exc)
+            else:
+                results.append(TaskStatus(reply[1]))
+        return results
+
+    def _refusal(self, r: Report) -> GpuflowError | None:
+        if r.outcome not in FINAL_OUTCOMES:
+            return InvalidInput(f"{r.outcome} is not a final outcome")
+        if len(r.text.encode()) > self.settings.max_payload_bytes:
+            return PayloadTooLarge(f"result is larger than {self.settings.max_payload_bytes} bytes")
+        return None
 
     async def start(self, task_id: str, gpu_id: str, message: str | None = None) -> int:
         """Push-style start of a QUEUED task on ``gpu_id``; returns the attempt number."""

@@ -6,37 +6,48 @@
 -- triples the caller already read with a blocking XREADGROUP, then the stream names to
 -- read, highest priority first.
 -- Returns {free capacity left, started task 1, ...}, each task a flat HGETALL array.
+-- Per started task: one HMGET, one HSET, the index and timer updates, the event, and the
+-- HGETALL of the reply; stream acks, deletes and dequeue counters go once per read.
 local gpu = ARGV[3]
 local lease = tonumber(ARGV[4])
 local grace, fraction = tonumber(ARGV[5]), tonumber(ARGV[6])
 local recover = ARGV[7] == '1'
 local npre = tonumber(ARGV[8])
 local gkey = k_gpu(gpu)
+local running = k_running(gpu)
 local g = redis.call('HMGET', gkey, 'status', 'maxConcurrentTasks')
 if not g[1] then return redis.error_reply('NOGPU gpu not registered') end
 local now = now_ms()
 local free = 0
-if g[1] == 'ACTIVE' then free = tonumber(g[2]) - redis.call('SCARD', k_running(gpu)) end
+if g[1] == 'ACTIVE' then free = tonumber(g[2]) - redis.call('SCARD', running) end
 local started = {}
 -- A GPU locked by an exclusive task takes nothing else.
 if redis.call('EXISTS', k_lock(gpu)) == 1 then free = 0 end
+local exclusive_of = {}  -- taskType -> exclusive (read once per call)
+local dequeued = {}      -- qstat key -> entries taken out of its stream in this call
 
--- Take one delivered entry out of the stream; returns the task key when it is startable.
-local function take(q, eid, id)
-  redis.call('XACK', q, GROUP, eid)
-  redis.call('XDEL', q, eid)
-  local tkey = k_task(id)
-  local t = redis.call('HMGET', tkey, 'status', 'streamId', 'taskType', 'tier')
-  if t[3] then redis.call('HINCRBY', k_qstat(t[3], t[4]), 'deq', 1) end
-  if t[1] ~= 'QUEUED' or t[2] ~= eid then return nil end
-  return tkey
+-- Acknowledge and delete a read's entries in one call each.
+local function drop_entries(q, eids)
+  if #eids > 0 then
+    redis.call('XACK', q, GROUP, unpack(eids))
+    redis.call('XDEL', q, unpack(eids))
+  end
 end
 
-local function start(tkey, id)
-  local ttype = redis.call('HGET', tkey, 'taskType')
-  local exclusive = redis.call('HGET', P .. 'tasktype:' .. ttype, 'exclusive') == '1'
+local function is_exclusive(ttype)
+  local x = exclusive_of[ttype]
+  if x == nil then
+    x = redis.call('HGET', P .. 'tasktype:' .. ttype, 'exclusive') == '1'
+    exclusive_of[ttype] = x
+  end
+  return x
+end
+
+local function start(id, tkey, t)
+  local ttype = t[3]
+  local exclusive = is_exclusive(ttype)
   if exclusive then
-    if redis.call('SCARD', k_running(gpu)) > 0 then
+    if redis.call('SCARD', running) > 0 then
       -- Needs the GPU alone: back to the queue; take nothing more so the GPU drains.
       enqueue(id, tkey)
       free = 0
@@ -45,44 +56,60 @@ local function start(tkey, id)
     redis.call('SET', k_lock(gpu), id, 'PX', lease)
     redis.call('ZADD', K_LOCKS, now, gpu)
   end
-  redis.call('HINCRBY', tkey, 'attempt', 1)
-  set_status(tkey, id, 'QUEUED', 'PROCESSING')
-  redis.call('HSET', tkey, 'gpuId', gpu, 'startedAt', now, 'updatedAt', now, 'progress', 0,
-             'progressMessage', '', 'streamId', '')
-  redis.call('ZADD', P .. 'idx:gpu:' .. gpu, redis.call('HGET', tkey, 'displayId'), id)
-  note_gpu(tkey, gpu)
-  arm_timers(id, tkey, now, lease, grace, fraction)
-  redis.call('SADD', k_running(gpu), id)
+  move_index(id, 'QUEUED', 'PROCESSING', t[5], ttype, now)
+  local fields = {'HSET', tkey, 'status', 'PROCESSING', 'attempt', tonumber(t[8] or 0) + 1,
+                  'gpuId', gpu, 'startedAt', now, 'updatedAt', now, 'progress', 0,
+                  'progressMessage', '', 'streamId', '', 'leaseDeadline', now + lease}
+  local ran = ran_on(t[6], gpu)
+  if ran then table.insert(fields, 'ranOn'); table.insert(fields, ran) end
+  redis.call(unpack(fields))
+  redis.call('ZADD', P .. 'idx:gpu:' .. gpu, t[5], id)
+  arm_timer_sets(id, now, lease, tonumber(t[7] or 0), grace, fraction)
+  redis.call('SADD', running, id)
   emit('started', id, 'PROCESSING', {'gpuId', gpu})
   table.insert(started, redis.call('HGETALL', tkey))
   free = free - 1
   if exclusive then free = 0 end
 end
 
+-- One delivered entry (already acknowledged and deleted): start it, put it back, or skip
+-- it when the task moved on (canceled, started by push, requeued under a newer entry).
+local function take(eid, id)
+  local tkey = k_task(id)
+  local t = redis.call('HMGET', tkey, 'status', 'streamId', 'taskType', 'tier', 'displayId',
+                       'ranOn', 'timeout', 'attempt')
+  if t[3] then
+    local sk = k_qstat(t[3], t[4])
+    dequeued[sk] = (dequeued[sk] or 0) + 1
+  end
+  if t[1] ~= 'QUEUED' or t[2] ~= eid then return end
+  if free > 0 then start(id, tkey, t) else enqueue(id, tkey) end
+end
+
+-- Take the entries of one XREADGROUP reply of stream q.
+local function take_all(q, entries)
+  local eids, ids = {}, {}
+  for _, e in ipairs(entries) do
+    table.insert(eids, e[1])
+    if e[2] then ids[#eids] = e[2][2] end  -- nil: the entry was deleted meanwhile
+  end
+  drop_entries(q, eids)
+  for i, eid in ipairs(eids) do
+    if ids[i] then take(eid, ids[i]) end
+  end
+end
+
 for i = 0, npre - 1 do
   local q, eid, id = ARGV[9 + 3 * i], ARGV[10 + 3 * i], ARGV[11 + 3 * i]
-  local tkey = take(q, eid, id)
-  if tkey then
-    if free > 0 then start(tkey, id) else enqueue(id, tkey) end
-  end
+  drop_entries(q, {eid})
+  take(eid, id)
 end
 
 local first = 9 + 3 * npre
 if recover then
   for i = first, #ARGV do
     local r = redis.call('XREADGROUP', 'GROUP', GROUP, gpu, 'COUNT', 100, 'STREAMS', ARGV[i], '0')
-    if r then
-      for _, e in ipairs(r[1][2]) do
-        if e[2] then
-          local tkey = take(ARGV[i], e[1], e[2][2])
-          if tkey then
-            if free > 0 then start(tkey, e[2][2]) else enqueue(e[2][2], tkey) end
-          end
-        else
-          redis.call('XACK', ARGV[i], GROUP, e[1])
-        end
-      end
-    end
+    if r then take_all(ARGV[i], r[1][2]) end
   end
 end
 for i = first, #ARGV do
@@ -91,16 +118,10 @@ for i = first, #ARGV do
   while free > 0 and rounds < 50 do
     rounds = rounds + 1
     local r = redis.call('XREADGROUP', 'GROUP', GROUP, gpu, 'COUNT', free, 'STREAMS', q, '>')
-    if not r then break end
-    local entries = r[1][2]
-    if #entries == 0 then break end
-    for _, e in ipairs(entries) do
-      local tkey = take(q, e[1], e[2][2])
-      if tkey then
-        if free > 0 then start(tkey, e[2][2]) else enqueue(e[2][2], tkey) end
-      end
-    end
+    if not r or #r[1][2] == 0 then break end
+    take_all(q, r[1][2])
   end
 end
+for sk, count in pairs(dequeued) do redis.call('HINCRBY', sk, 'deq', count) end
 table.insert(started, 1, free)
 return started

@@ -1,45 +1,22 @@
--- Record the end of an attempt (fenced by attempt number and GPU).
--- ARGV[3] taskId, ARGV[4] attempt ('' = current), ARGV[5] gpuId ('' = any),
--- ARGV[6] outcome COMPLETED|FAILED|TIMEOUT, ARGV[7] result or error text,
--- ARGV[8] retryable 1|0, ARGV[9] retry backoff base ms (0 = requeue at once),
--- ARGV[10] GPU failure threshold (0 = off), ARGV[11] backoff cap ms, ARGV[12] jitter factor.
+-- Record the end of attempts (each fenced by attempt number and GPU), several per call: the
+-- agent sends the reports of one event-loop tick together, so a busy node pays one round
+-- trip (and one script start) for many tasks.
+-- ARGV[3] retry backoff base ms (0 = requeue at once), ARGV[4] GPU failure threshold
+-- (0 = off), ARGV[5] backoff cap ms, ARGV[6] n, then n groups of 7: taskId, attempt
+-- ('' = current), gpuId ('' = any), outcome COMPLETED|FAILED|TIMEOUT, result or error text,
+-- retryable 1|0, jitter factor.
 -- The backoff of retry n (n = retryCount before it) is min(cap, base * 2^n) * jitter.
--- Returns {'OK', newStatus} or {'NOTFOUND'} / {'CONFLICT', why}.
-local id, attempt, gpu_arg, outcome = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local text, retryable, base = ARGV[7], ARGV[8] == '1', tonumber(ARGV[9])
-local threshold, cap, jitter = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
-local tkey = k_task(id)
-local t = redis.call('HMGET', tkey, 'status', 'attempt', 'gpuId', 'retryCount', 'maxRetries',
-                     'startedAt', 'taskType')
-if not t[1] then return {'NOTFOUND'} end
-if t[1] ~= 'PROCESSING' then return {'CONFLICT', 'task is ' .. t[1] .. ', not PROCESSING'} end
-if attempt ~= '' and attempt ~= t[2] then
-  return {'CONFLICT', 'stale attempt ' .. attempt .. ' (current attempt is ' .. t[2] .. ')'}
-end
-local gpu = t[3]
-if gpu_arg ~= '' and gpu_arg ~= gpu then
-  return {'CONFLICT', 'task runs on GPU ' .. gpu .. ', not ' .. gpu_arg}
-end
+-- Returns one reply per task, in order: {'OK', newStatus} or {'NOTFOUND'} / {'CONFLICT', why}.
+-- Each report is applied exactly as if it came alone, in the order given.
+local base, threshold, cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local n = tonumber(ARGV[6])
 local now = now_ms()
-clear_timers(id)
-redis.call('SREM', k_running(gpu), id)
-local gkey = k_gpu(gpu)
-local has_gpu = redis.call('EXISTS', gkey) == 1
-if outcome == 'COMPLETED' then
-  set_status(tkey, id, 'PROCESSING', 'COMPLETED')
-  redis.call('HSET', tkey, 'result', text, 'completedAt', now, 'updatedAt', now, 'progress', 100,
-             'errorMessage', '', 'leaseDeadline', '')
-  local took = now - tonumber(t[6])
-  local sk = k_tstat(t[7])
-  local avg = tonumber(redis.call('HGET', sk, 'avgMs'))
-  if avg then avg = avg * 0.8 + took * 0.2 else avg = took end
-  redis.call('HSET', sk, 'avgMs', math.floor(avg))
-  redis.call('HINCRBY', sk, 'n', 1)
-  if has_gpu then redis.call('HSET', gkey, 'taskFailureCount', 0) end
-  emit('completed', id, 'COMPLETED', {'gpuId', gpu})
-  return {'OK', 'COMPLETED'}
-end
-if has_gpu then
+local durations = {}  -- taskType -> run times (ms) of this call's completions, in order
+local clean = {}      -- gpu -> its taskFailureCount is known to be 0 in this call
+
+local function fail_count(gpu, gkey, text)
+  clean[gpu] = nil
+  if redis.call('EXISTS', gkey) == 0 then return end
   local fails = redis.call('HINCRBY', gkey, 'taskFailureCount', 1)
   if threshold > 0 and fails >= threshold and redis.call('HGET', gkey, 'status') == 'ACTIVE' then
     redis.call('HSET', gkey, 'status', 'FAULTY',
@@ -49,4 +26,55 @@ if has_gpu then
                 'gpu_monitor')
   end
 end
-return {'OK', retry_or_end(id, tkey, outcome, text, retryable, base, cap, jitter, now)}
+
+local function finish(id, attempt, gpu_arg, outcome, text, retryable, jitter)
+  local tkey = k_task(id)
+  local t = redis.call('HMGET', tkey, 'status', 'attempt', 'gpuId', 'startedAt', 'taskType',
+                       'displayId')
+  if not t[1] then return {'NOTFOUND'} end
+  if t[1] ~= 'PROCESSING' then return {'CONFLICT', 'task is ' .. t[1] .. ', not PROCESSING'} end
+  if attempt ~= '' and attempt ~= t[2] then
+    return {'CONFLICT', 'stale attempt ' .. attempt .. ' (current attempt is ' .. t[2] .. ')'}
+  end
+  local gpu = t[3]
+  if gpu_arg ~= '' and gpu_arg ~= gpu then
+    return {'CONFLICT', 'task runs on GPU ' .. gpu .. ', not ' .. gpu_arg}
+  end
+  clear_timers(id, gpu)
+  redis.call('SREM', k_running(gpu), id)
+  local gkey = k_gpu(gpu)
+  if outcome == 'COMPLETED' then
+    move_index(id, 'PROCESSING', 'COMPLETED', t[6], t[5], now)
+    redis.call('HSET', tkey, 'status', 'COMPLETED', 'result', text, 'completedAt', now,
+               'updatedAt', now, 'progress', 100, 'errorMessage', '', 'leaseDeadline', '')
+    local runs = durations[t[5]]
+    if not runs then runs = {}; durations[t[5]] = runs end
+    table.insert(runs, now - tonumber(t[4]))
+    if not clean[gpu] then
+      if redis.call('EXISTS', gkey) == 1 then redis.call('HSET', gkey, 'taskFailureCount', 0) end
+      clean[gpu] = true
+    end
+    emit('completed', id, 'COMPLETED', {'gpuId', gpu})
+    return {'OK', 'COMPLETED'}
+  end
+  fail_count(gpu, gkey, text)
+  return {'OK', retry_or_end(id, tkey, outcome, text, retryable, base, cap, jitter, now)}
+end
+
+local replies = {}
+for i = 0, n - 1 do
+  local a = 7 + 7 * i
+  replies[i + 1] = finish(ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
+                          ARGV[a + 5] == '1', tonumber(ARGV[a + 6]))
+end
+-- Each type's average run time: the same moving average as one report at a time.
+for ttype, runs in pairs(durations) do
+  local sk = k_tstat(ttype)
+  local avg = tonumber(redis.call('HGET', sk, 'avgMs'))
+  for _, took in ipairs(runs) do
+    if avg then avg = math.floor(avg * 0.8 + took * 0.2) else avg = took end
+  end
+  redis.call('HSET', sk, 'avgMs', avg)
+  redis.call('HINCRBY', sk, 'n', #runs)
+end
+return replies

@@ -40,36 +40,47 @@ local function emit(kind, id, status, extra)
   if id ~= '' then redis.call('PUBLISH', P .. 'ev:' .. id, status) end
 end
 
--- Move a task between status indexes (idx:status:{s} and idx:st:{s}:{type}) and write its
--- status field.
-local function set_status(tkey, id, old, new)
-  local h = redis.call('HMGET', tkey, 'displayId', 'taskType')
+-- Move a task between status indexes (idx:status:{s} and idx:st:{s}:{type}); the caller
+-- writes the status field (with the other fields of the transition, in one HSET).
+local function move_index(id, old, new, display, ttype, now)
   if old and old ~= new then
     redis.call('ZREM', k_status(old), id)
-    redis.call('ZREM', k_status_type(old, h[2]), id)
+    redis.call('ZREM', k_status_type(old, ttype), id)
   end
-  redis.call('ZADD', k_status(new), h[1], id)
-  redis.call('ZADD', k_status_type(new, h[2]), h[1], id)
-  redis.call('HSET', tkey, 'status', new)
-  if TERMINAL[new] then redis.call('ZADD', K_FINISHED, now_ms(), id) end
+  redis.call('ZADD', k_status(new), display, id)
+  redis.call('ZADD', k_status_type(new, ttype), display, id)
+  if TERMINAL[new] then redis.call('ZADD', K_FINISHED, now, id) end
 end
 
--- Remember every GPU a task ran on (its idx:gpu entries), for retention to clean up.
+-- move_index plus the status field, for transitions that read nothing else.
+local function set_status(tkey, id, old, new)
+  local h = redis.call('HMGET', tkey, 'displayId', 'taskType')
+  move_index(id, old, new, h[1], h[2], now_ms())
+  redis.call('HSET', tkey, 'status', new)
+end
+
+-- Every GPU a task ran on (its ranOn field lists them, for retention to clean up its
+-- idx:gpu entries): the new value after a run on ``gpu``, or nil when already listed.
+local function ran_on(ran, gpu)
+  ran = ran or ''
+  if string.find(',' .. ran .. ',', ',' .. gpu .. ',', 1, true) then return nil end
+  if ran == '' then return gpu end
+  return ran .. ',' .. gpu
+end
+
 local function note_gpu(tkey, gpu)
-  local ran = redis.call('HGET', tkey, 'ranOn') or ''
-  if not string.find(',' .. ran .. ',', ',' .. gpu .. ',', 1, true) then
-    if ran == '' then ran = gpu else ran = ran .. ',' .. gpu end
-    redis.call('HSET', tkey, 'ranOn', ran)
-  end
+  local ran = ran_on(redis.call('HGET', tkey, 'ranOn'), gpu)
+  if ran then redis.call('HSET', tkey, 'ranOn', ran) end
 end
 
 -- The timers of a running attempt: lease, timeout warning, hard timeout; and the GPU's
--- exclusive lock when this task holds it. Called on every way out of PROCESSING.
-local function clear_timers(id)
+-- exclusive lock when this task holds it. Called on every way out of PROCESSING (``gpu``:
+-- the task's gpuId when the caller has read it already).
+local function clear_timers(id, gpu)
   redis.call('ZREM', K_LEASES, id)
   redis.call('ZREM', K_TIMEOUTS, id)
   redis.call('ZREM', K_WARNINGS, id)
-  local gpu = redis.call('HGET', k_task(id), 'gpuId')
+  if gpu == nil then gpu = redis.call('HGET', k_task(id), 'gpuId') end
   if gpu and gpu ~= '' and redis.call('GET', k_lock(gpu)) == id then
     redis.call('DEL', k_lock(gpu))
     redis.call('ZREM', K_LOCKS, gpu)
@@ -77,9 +88,9 @@ local function clear_timers(id)
 end
 
 -- Arm them at start: lease at now + lease, warning at now + timeout * fraction (when
--- 0 < fraction < 1), hard timeout at now + timeout + grace.
-local function arm_timers(id, tkey, now, lease, grace, fraction)
-  local timeout = tonumber(redis.call('HGET', tkey, 'timeout') or 0)
+-- 0 < fraction < 1), hard timeout at now + timeout + grace (when timeout > 0). The caller
+-- writes leaseDeadline = now + lease into the task.
+local function arm_timer_sets(id, now, lease, timeout, grace, fraction)
   redis.call('ZADD', K_LEASES, now + lease, id)
   if timeout > 0 then
     redis.call('ZADD', K_TIMEOUTS, now + timeout + grace, id)
@@ -87,6 +98,11 @@ local function arm_timers(id, tkey, now, lease, grace, fraction)
       redis.call('ZADD', K_WARNINGS, now + math.floor(timeout * fraction), id)
     end
   end
+end
+
+local function arm_timers(id, tkey, now, lease, grace, fraction)
+  local timeout = tonumber(redis.call('HGET', tkey, 'timeout') or 0)
+  arm_timer_sets(id, now, lease, timeout, grace, fraction)
   redis.call('HSET', tkey, 'leaseDeadline', now + lease)
 end
 

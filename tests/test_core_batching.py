@@ -1,0 +1,103 @@
+"""Batched reports: several attempts' ends in one script call, each applied as if alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gpuflow.core.coalesce import Coalescer
+from gpuflow.core.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
+from gpuflow.core.gpus import GpuSpec
+from gpuflow.core.models import TaskStatus
+from gpuflow.core.tasks import NewTask, Report
+
+from .conftest import Services
+
+
+async def _running(s: Services, n: int, **kw: object) -> list[dict[str, object]]:
+    await s.gpus.register(GpuSpec("g1", [1], max_concurrent_tasks=n))
+    for i in range(n):
+        await s.tasks.create(NewTask(1, f"p{i}", **kw))  # type: ignore[arg-type]
+    started = await s.dispatch.claim("g1")
+    assert len(started) == n
+    return started
+
+
+@pytest.mark.redis
+async def test_finish_many_applies_each_report_alone(services: Services) -> None:
+    s = services
+    a, b, c, d = await _running(s, 4, max_retries=1)
+    results = await s.tasks.finish_many(
+        [
+            Report(str(a["taskId"]), TaskStatus.COMPLETED, "ra", "g1", 1),
+            Report(str(b["taskId"]), TaskStatus.COMPLETED, "stale", "g1", 7),
+            Report(str(c["taskId"]), TaskStatus.FAILED, "boom", "g1", 1),
+            Report("task_missing", TaskStatus.COMPLETED, "x"),
+            Report(str(d["taskId"]), TaskStatus.QUEUED, "not an end"),
+            Report(str(d["taskId"]), TaskStatus.COMPLETED, "x" * 2_000_000),
+            Report(str(a["taskId"]), TaskStatus.COMPLETED, "again", "g1", 1),
+        ]
+    )
+    assert results[0] == TaskStatus.COMPLETED
+    assert isinstance(results[1], Conflict) and "stale attempt 7" in str(results[1])
+    assert results[2] == TaskStatus.QUEUED  # a retry was left
+    assert isinstance(results[3], NotFound)
+    assert isinstance(results[4], InvalidInput)
+    assert isinstance(results[5], PayloadTooLarge)
+    assert isinstance(results[6], Conflict)  # the first report of `a` landed before it
+    assert (await s.tasks.get(str(a["taskId"])))["result"] == "ra"
+    assert (await s.tasks.get(str(b["taskId"])))["status"] == "PROCESSING"
+    assert (await s.tasks.get(str(c["taskId"])))["retryCount"] == 1
+    d_now = await s.tasks.get(str(d["taskId"]))
+    assert d_now["status"] == "PROCESSING" and d_now["result"] is None
+    gpu = await s.gpus.get("g1")
+    assert gpu["taskFailureCount"] == 1  # the failure came after the completion
+
+
+@pytest.mark.redis
+async def test_concurrent_finishes_share_calls_and_all_land(services: Services) -> None:
+    s = services
+    started = await _running(s, 40)
+    calls: list[int] = []
+    real = s.tasks.finish_many
+
+    async def counting(reports):  # type: ignore[no-untyped-def]
+        calls.append(len(reports))
+        return await real(reports)
+
+    s.tasks._finisher = Coalescer(counting)
+    ends = await asyncio.gather(
+        *(
+            s.tasks.finish(str(t["taskId"]), TaskStatus.COMPLETED, f"r{i}", attempt=1)
+            for i, t in enumerate(started)
+        )
+    )
+    assert ends == [TaskStatus.COMPLETED] * 40
+    assert sum(calls) == 40 and len(calls) < 40
+    for i, t in enumerate(started):
+        assert (await s.tasks.get(str(t["taskId"])))["result"] == f"r{i}"
+    assert await s.dispatch.claim("g1") == []  # every slot is free again, nothing queued
+
+
+async def test_coalescer_fails_only_the_refused_item_and_every_item_on_a_lost_call() -> None:
+    batches: list[list[int]] = []
+    broken = False
+
+    async def call(items: list[int]) -> list[int | Exception]:
+        batches.append(items)
+        await asyncio.sleep(0.01)
+        if broken:
+            raise ConnectionError("lost")
+        return [ValueError(f"bad {i}") if i < 0 else i * 10 for i in items]
+
+    co: Coalescer[int, int] = Coalescer(call, max_batch=3)
+    out = await asyncio.gather(*(co.submit(i) for i in (1, -2, 3, 4)), return_exceptions=True)
+    assert out[0] == 10 and out[2] == 30 and out[3] == 40
+    assert isinstance(out[1], ValueError)
+    assert batches == [[1, -2, 3], [4]]  # at most max_batch per call, in order
+    broken = True
+    lost = await asyncio.gather(co.submit(5), co.submit(6), return_exceptions=True)
+    assert all(isinstance(x, ConnectionError) for x in lost)
+    broken = False
+    assert await co.submit(7) == 70  # a lone call is not held back
