@@ -110,7 +110,7 @@ class Bench:
         n, t_start = self.args.n, time.monotonic()
         first: tuple[float, int] | None = None
         cpu0 = wcpu0 = 0.0
-        calls0: dict[str, int] = {}
+        calls0: dict[str, tuple[int, int]] = {}
         while True:
             done, now = count(), time.monotonic()
             if done > 0 and first is None:
@@ -134,20 +134,27 @@ class Bench:
         redis_us = (self.redis_cpu() - cpu0) / measured * 1e6
         worker_us = (tree_cpu(workers) - wcpu0) / measured * 1e6
         calls = self.redis_calls()
-        per_task = {k: round((v - calls0.get(k, 0)) / measured, 2) for k, v in calls.items()}
+        per_task = {
+            k: (round((v[0] - calls0.get(k, (0, 0))[0]) / measured, 2),
+                round((v[1] - calls0.get(k, (0, 0))[1]) / measured, 2))
+            for k, v in calls.items()
+        }  # fmt: skip
         return {
-            "calls_per_task": {k: v for k, v in per_task.items() if v >= 0.05},
+            # command: (calls, µs inside Redis) per task, from INFO commandstats
+            "calls_per_task": {k: v for k, v in per_task.items() if v[0] >= 0.05},
             "rate": (n - first[1]) / span,
             "total_s": now - t_start,
             "redis_us": redis_us,
             "worker_us": worker_us,
         }
 
-    def redis_calls(self) -> dict[str, int]:
-        """Calls per Redis command so far (INFO commandstats), for the log."""
+    def redis_calls(self) -> dict[str, tuple[int, int]]:
+        """Calls and µs per Redis command so far (INFO commandstats), for the log."""
         with self.redis() as r:
             stats = r.info("commandstats")
-        return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+        return {
+            k.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for k, v in stats.items()
+        }
 
     def redis_cpu(self) -> float:
         """CPU seconds the Redis server has used (user + system)."""

@@ -19,6 +19,7 @@ from gpuflow.api import (
     routes_tasks,
     routes_tasktypes,
 )
+from gpuflow.api.deps import SECURITY_SCHEMES
 from gpuflow.api.envelope import error, install_error_handlers
 from gpuflow.config import Settings
 from gpuflow.core.cluster import Membership, new_instance_id
@@ -91,16 +92,24 @@ def create_app(settings: Settings, redis_url: str, *, background: bool = True) -
     return app
 
 
+#: Routes that need no credential (every other one answers 401 without one).
+PUBLIC_PATHS = frozenset({"/health"})
+
+
 def _document_400_not_422(app: FastAPI) -> None:
-    """Validation errors answer 400 in the envelope; drop FastAPI's default 422 entries."""
+    """Validation errors answer 400 in the envelope: drop FastAPI's default 422 entries. Add
+    the security requirement of every route but the public ones (checked in api/deps.py)."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = build()
-            for item in schema.get("paths", {}).values():
+            for path, item in schema.get("paths", {}).items():
                 for op in item.values():
                     op.get("responses", {}).pop("422", None)
+                    if path not in PUBLIC_PATHS:
+                        op["security"] = [{name: []} for name in SECURITY_SCHEMES]
+            schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
             for name in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
             app.openapi_schema = schema

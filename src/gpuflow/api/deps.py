@@ -6,14 +6,27 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from gpuflow.core.apikeys import Principal, Role
 from gpuflow.core.errors import Forbidden, NotFound, Unauthorized
 from gpuflow.core.system import System
 
-_bearer = HTTPBearer(auto_error=False, description="An API key as a Bearer token.")
-_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
+#: The OpenAPI security schemes of every route but the public ones (see api/app.py). The
+#: credential is read from the headers by :func:`get_principal` itself: FastAPI's security
+#: dependencies cost a dependency resolution each on every request.
+SECURITY_SCHEMES: dict[str, dict[str, str]] = {
+    "HTTPBearer": {
+        "type": "http",
+        "description": "An API key as a Bearer token.",
+        "scheme": "bearer",
+    },
+    "APIKeyHeader": {
+        "type": "apiKey",
+        "description": "An API key.",
+        "in": "header",
+        "name": "X-API-Key",
+    },
+}
 
 
 async def get_system(request: Request) -> System:
@@ -25,25 +38,34 @@ async def get_system(request: Request) -> System:
 SystemDep = Annotated[System, Depends(get_system)]
 
 
-async def get_principal(
-    system: SystemDep,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    header: Annotated[str | None, Depends(_header)],
-) -> Principal:
-    key = header or (bearer.credentials if bearer else None)
+def credential(request: Request) -> str | None:
+    """The API key of ``X-API-Key``, else of ``Authorization: Bearer``."""
+    headers = request.headers
+    key = headers.get("x-api-key")
+    if key:
+        return key
+    scheme, _, token = (headers.get("authorization") or "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+async def get_principal(request: Request) -> Principal:
+    key = credential(request)
     if not key:
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>` or `X-API-Key`")
+    system: System = request.app.state.system
     principal = await system.keys.lookup(key)
     if principal is None:
         raise Unauthorized("unknown API key")
     return principal
 
 
-def allow(*roles: Role) -> Callable[[Principal], Awaitable[Principal]]:
+def allow(*roles: Role) -> Callable[[Request], Awaitable[Principal]]:
     """A dependency that lets only ``roles`` through (admin always passes)."""
     allowed = {Role.ADMIN, *roles}
 
-    async def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    async def check(request: Request) -> Principal:
+        principal = await get_principal(request)
         if principal.role not in allowed:
             names = ", ".join(sorted(r.value for r in allowed))
             raise Forbidden(f"role {principal.role.value} may not do this (needs {names})")

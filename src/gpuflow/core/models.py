@@ -118,10 +118,16 @@ def gpu_view(h: dict[str, str], current_tasks: int) -> dict[str, Any]:
     return out
 
 
+#: The characters a JSON text can start with (json.loads also takes NaN and Infinity).
+_JSON_START = frozenset('{["-0123456789tfnNI \t\r\n')
+
+
 def parse_json_or_text(value: str | None) -> Any:
     """A payload / result as JSON when it parses, else the raw string."""
     if value is None:
         return None
+    if not value or value[0] not in _JSON_START:  # text: skip the costly failed parse
+        return value
     try:
         return json.loads(value)
     except ValueError:

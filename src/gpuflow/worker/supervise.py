@@ -19,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 from gpuflow.worker.executor import ProcessExecutor
 from gpuflow.worker.sdk import Outcome
@@ -43,17 +43,21 @@ class Job:
     executor: ProcessExecutor | None = None
     #: The handler's ``ctx.should_stop()`` flag (for in-loop handlers; a child keeps its own).
     flag: threading.Event = field(default_factory=threading.Event)
-    #: Set when the server said to stop this attempt.
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
     runner: asyncio.Task[None] | None = None
     #: The handler has ended and its outcome is being reported: too late to stop it.
     reporting: bool = False
+    #: Set when the server said to stop this attempt.
+    stopped: bool = False
+    #: Woken by a stop while :func:`supervise` waits (a bare callback, not a task per job).
+    _wake: Callable[[], None] | None = None
 
     def request_stop(self) -> bool:
         """The server said stop; False when the handler has already ended."""
-        if self.reporting or self.stop.is_set():
+        if self.reporting or self.stopped:
             return False
-        self.stop.set()
+        self.stopped = True
+        if self._wake is not None:
+            self._wake()
         return True
 
 
@@ -70,16 +74,29 @@ def timed_out(task: ClaimedTask, what: str) -> Outcome:
 
 async def _first(job: Job, work: asyncio.Future[Outcome]) -> Why | None:
     """Wait for the work to end (None), its timeout, or the server's stop."""
-    timeout = job.task.timeout_ms / 1000.0 if job.task.timeout_ms > 0 else None
-    stopper = asyncio.ensure_future(job.stop.wait())
-    both: set[asyncio.Future[Any]] = {work, stopper}
-    try:
-        await asyncio.wait(both, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
+    if not job.stopped and not work.done():
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        work.add_done_callback(wake)
+        job._wake = wake
+        timer = (
+            loop.call_later(job.task.timeout_ms / 1000.0, wake) if job.task.timeout_ms > 0 else None
+        )
+        try:
+            await waiter
+        finally:
+            job._wake = None
+            work.remove_done_callback(wake)
+            if timer is not None:
+                timer.cancel()
     if work.done():
         return None
-    return Why.STOP if job.stop.is_set() else Why.TIMEOUT
+    return Why.STOP if job.stopped else Why.TIMEOUT
 
 
 async def _stop(job: Job, work: asyncio.Future[Outcome], grace_s: float) -> str:
