@@ -81,8 +81,16 @@ WorkerRole = Annotated[Principal, Depends(allow(Role.WORKER))]
 Admin = Annotated[Principal, Depends(allow())]
 
 
-async def check_task_access(system: System, principal: Principal, task_id: str) -> None:
-    """A client sees only its own user's tasks; others get 404, as if it did not exist."""
+async def check_task_access(
+    system: System, principal: Principal, task_id: str, *, confirm_exists: bool = False
+) -> None:
+    """A client sees only its own user's tasks; others get 404, as if it did not exist.
+    Other roles see every task and pay no read here (the route's own read answers 404 for a
+    missing task), unless ``confirm_exists``: for routes that answer before reading it."""
+    if principal.role is not Role.CLIENT:
+        if confirm_exists:
+            await system.tasks.owner_of(task_id)
+        return
     owner = await system.tasks.owner_of(task_id)
-    if principal.role is Role.CLIENT and owner != principal.user_id:
+    if owner != principal.user_id:
         raise NotFound(f"task {task_id} not found")

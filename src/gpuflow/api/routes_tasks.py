@@ -289,7 +289,7 @@ async def task_events(
     who: Reader,
     wait: StreamWait = MAX_STREAM_S,
 ) -> Response:
-    await check_task_access(system, who, taskId)
+    await check_task_access(system, who, taskId, confirm_exists=True)
     notifier.check_capacity()
     return EventStreamResponse(
         _events(system, notifier, taskId, wait),
