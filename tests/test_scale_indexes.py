@@ -111,3 +111,27 @@ async def test_bench_loader_stores_what_tasks_create_stores(
     assert hashes[0].keys() == hashes[1].keys() == hashes[2].keys()
     same = ("status", "tier", "priority", "maxRetries", "timeout", "attempt", "retryCount")
     assert {tuple(h[f] for f in same) for h in hashes} == {tuple(hashes[0][f] for f in same)}
+
+
+async def test_bench_loader_claims_and_finishes_through_the_scripts(
+    services: Services, redis_url: str, settings: Settings
+) -> None:
+    """The scale bench's claim and batched finish calls match the scripts' argument layout."""
+    s = services
+    sync = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        loader = Loader(sync, settings)
+        for _ in loader.create(150, 1, 10):
+            pass
+        loader.register("gb", [1], 150)
+        ids = loader.claim("gb", [1])
+        assert len(ids) == 150
+        loader.finish(ids[:120], "gb", "COMPLETED")
+        loader.finish(ids[120:], "gb", "FAILED")
+    finally:
+        sync.close()
+    done, _ = await s.tasks.list(status=TaskStatus.COMPLETED, size=200)
+    failed, _ = await s.tasks.list(status=TaskStatus.FAILED, size=200)
+    assert {t["taskId"] for t in done} == set(ids[:120])
+    assert {t["taskId"] for t in failed} == set(ids[120:])
+    assert done[0]["result"] == '{"output":"result.jpg"}'
