@@ -93,7 +93,9 @@ class Bench:
         return redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=10)
 
     def flush(self) -> None:
-        with self.redis() as r:
+        # Synchronous (a lazy free would bill the next system's Redis CPU); a million tasks
+        # (--scale) take longer to free than the polling client's timeout.
+        with redis.Redis.from_url(self.url, socket_timeout=120) as r:
             r.flushall()
 
     # --- shared measurements ----------------------------------------------------------

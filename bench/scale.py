@@ -40,6 +40,7 @@ from bench.scale_api import Http, api_process, cpu_seconds
 from bench.scale_redis import (
     APP,
     PAYLOAD,
+    SLOW_S,
     Loader,
     bench_settings,
     private_redis,
@@ -118,7 +119,7 @@ def core_create(url: str, settings: Settings, n: int, concurrency: int = 64) -> 
     """Bytes of Redis memory per task for ``n`` tasks created through ``Tasks.create``,
     ``concurrency`` at a time; memory is read with the creating connections closed (their
     buffers are not the tasks')."""
-    r = redis.Redis.from_url(url)
+    r = redis.Redis.from_url(url, socket_timeout=SLOW_S)
     asyncio.run(_create_core(url, settings, 0, 1, 1))  # the namespace's counters, streams
     time.sleep(0.5)
     before = used_memory(r)
@@ -295,14 +296,14 @@ def scale_rows(
     rows: list[Row] = []
     settings = bench_settings()
     with private_redis(redis_url) as url:
-        r = redis.Redis.from_url(url, decode_responses=True)
+        r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=SLOW_S)
         rows.append(Row(f"redis {redis_version(r)}", 0, "", "-", "INFO"))
         _log(f"memory: {core_tasks} tasks through Tasks.create")
         rows.append(
             _row(f"memory/task, {core_tasks} via Tasks.create",
                  core_create(url, settings, core_tasks), "B", MEMORY_TARGET)
         )  # fmt: skip
-        r.flushdb()
+        r.flushdb()  # synchronous: the memory measured next must not include lazy frees
         loader = Loader(r, settings)
         _log(f"memory: {tasks} tasks through pipelined create_task")
         t0 = time.monotonic()

@@ -27,6 +27,8 @@ from gpuflow.store.scripts import script_source
 
 PAYLOAD = '{"input":"image.jpg","output":"result.jpg"}'
 APP = "bench"
+#: Read timeout of the bench's own clients: some calls (FLUSHDB, big pipelines) take long.
+SLOW_S = 120.0
 SCRIPTS = ("create_task", "register_gpu", "claim", "finish_task", "cancel_task")
 
 
@@ -36,12 +38,13 @@ def private_redis(url: str | None = None) -> Iterator[str]:
     one; memory is read for the whole server, so keep it otherwise idle), else a fresh
     embedded Redis (gpuflow's own config) in a temporary directory."""
     if url:
-        client = redis.Redis.from_url(url)
-        client.flushdb()
+        # Flushing a million tasks outlasts redis-py's default 5 s read timeout.
+        client = redis.Redis.from_url(url, socket_timeout=SLOW_S)
+        client.flushdb()  # synchronous: memory is measured next
         try:
             yield url
         finally:
-            client.flushdb()
+            client.flushdb(asynchronous=True)
             client.close()
         return
     with tempfile.TemporaryDirectory(prefix="gpuflow-scale-") as tmp:
