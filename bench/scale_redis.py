@@ -125,7 +125,7 @@ class Loader:
         reply = self.scripts["claim"](
             keys=[],
             args=[*self.head, gpu_id, s.lease_ms, s.timeout_grace_ms,
-                  s.timeout_warning_fraction, 0, 0, *streams],
+                  s.timeout_warning_fraction, 0, "full", 0, *streams],
         )  # fmt: skip
         ids = []
         for flat in reply[1:]:

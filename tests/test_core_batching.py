@@ -101,3 +101,28 @@ async def test_coalescer_fails_only_the_refused_item_and_every_item_on_a_lost_ca
     assert all(isinstance(x, ConnectionError) for x in lost)
     broken = False
     assert await co.submit(7) == 70  # a lone call is not held back
+
+
+@pytest.mark.redis
+async def test_compact_claim_gives_the_agent_what_the_full_view_gives(services: Services) -> None:
+    from gpuflow.worker.transport import ClaimedTask
+
+    s = services
+    await s.gpus.register(GpuSpec("g1", [1], max_concurrent_tasks=1))
+    await s.gpus.register(GpuSpec("g2", [1], max_concurrent_tasks=1))
+    for _ in range(2):
+        await s.tasks.create(NewTask(1, '{"in": "a.jpg"}', "u1", "app1", 3, max_retries=2))
+    (full,) = await s.dispatch.claim("g1")
+    (compact,) = await s.dispatch.claim("g2", compact=True)
+    a, b = ClaimedTask.from_view(full), ClaimedTask.from_view(compact)
+    assert (b.gpu_id, b.attempt, b.payload, b.user_id, b.app) == (
+        "g2",
+        1,
+        '{"in": "a.jpg"}',
+        "u1",
+        "app1",
+    )
+    same = ("task_type", "priority", "timeout_ms", "retry_count", "max_retries")
+    assert [getattr(a, f) for f in same] == [getattr(b, f) for f in same]
+    assert b.display_id == a.display_id + 1
+    assert (await s.tasks.get(b.task_id))["status"] == "PROCESSING"

@@ -27,6 +27,27 @@ from gpuflow.store.keys import GROUP
 STREAMS_TTL_S = 1.0
 
 
+#: A compact claim's fields, in the order claim.lua answers them.
+COMPACT_FIELDS = (
+    "taskId",
+    "taskType",
+    "attempt",
+    "gpuId",
+    "payload",
+    "priority",
+    "displayId",
+    "userId",
+    "app",
+    "timeout",
+    "retryCount",
+    "maxRetries",
+)
+
+
+def _compact_view(row: list[Any]) -> dict[str, Any]:
+    return {k: (None if v == "" else v) for k, v in zip(COMPACT_FIELDS, row, strict=True)}
+
+
 class Dispatcher:
     """Claims for GPUs; ``blocking`` is a client reserved for blocking reads."""
 
@@ -53,7 +74,12 @@ class Dispatcher:
         return streams
 
     async def _claim(
-        self, gpu_id: str, streams: list[str], pre: list[tuple[str, str, str]], recover: bool
+        self,
+        gpu_id: str,
+        streams: list[str],
+        pre: list[tuple[str, str, str]],
+        recover: bool,
+        compact: bool,
     ) -> tuple[int, list[dict[str, Any]]]:
         flat = [x for triple in pre for x in triple]
         s = self.store.settings
@@ -65,6 +91,7 @@ class Dispatcher:
                 s.timeout_grace_ms,
                 s.timeout_warning_fraction,
                 1 if recover else 0,
+                "compact" if compact else "full",
                 len(pre),
                 *flat,
                 *streams,
@@ -74,17 +101,22 @@ class Dispatcher:
                 self._streams.pop(gpu_id, None)
                 raise NotFound(f"GPU {gpu_id} not registered") from exc
             raise
+        if compact:
+            return int(reply[0]), [_compact_view(row) for row in reply[1:]]
         return started_tasks(reply)
 
     async def claim(
-        self, gpu_id: str, wait_s: float = 0.0, *, recover: bool = False
+        self, gpu_id: str, wait_s: float = 0.0, *, recover: bool = False, compact: bool = False
     ) -> list[dict[str, Any]]:
-        """Start what the node can take now; if nothing, wait up to ``wait_s`` for a task."""
+        """Start what the node can take now; if nothing, wait up to ``wait_s`` for a task.
+        Each started task as its TaskDO view, or with ``compact`` only the
+        :data:`COMPACT_FIELDS` an agent runs it with (as strings; None for a missing one):
+        the agent's claims skip reading and decoding the whole record."""
         streams = await self._node_streams(gpu_id)
         if not streams:
             await asyncio.sleep(min(wait_s, 1.0))
             return []
-        free, started = await self._claim(gpu_id, streams, [], recover)
+        free, started = await self._claim(gpu_id, streams, [], recover, compact)
         if started or wait_s <= 0:
             return started
         if free <= 0:  # busy, locked, or not ACTIVE (the script looks)
@@ -104,5 +136,5 @@ class Dispatcher:
         ]
         if not pre:
             return []
-        _, started = await self._claim(gpu_id, streams, pre, False)
+        _, started = await self._claim(gpu_id, streams, pre, False, compact)
         return started

@@ -130,7 +130,7 @@ class RedisTransport:
         self, gpu_id: str, wait_s: float, *, recover: bool = False
     ) -> list[ClaimedTask]:
         async with self._call(node=True, wait_s=wait_s):
-            views = await self.dispatcher.claim(gpu_id, wait_s, recover=recover)
+            views = await self.dispatcher.claim(gpu_id, wait_s, recover=recover, compact=True)
         return [ClaimedTask.from_view(v) for v in views]
 
     async def presence(self, stop: asyncio.Event) -> None:

@@ -2,17 +2,23 @@
 -- ARGV[3] gpuId, ARGV[4] lease ms, ARGV[5] timeout grace ms, ARGV[6] timeout warning
 -- fraction, ARGV[7] recover 1|0 (first re-read this consumer's own pending entries, left
 -- behind by a crash between a blocking read and this script),
--- ARGV[8] n = number of pre-delivered entries, ARGV[9 .. 8+3n] (stream, entryId, taskId)
--- triples the caller already read with a blocking XREADGROUP, then the stream names to
--- read, highest priority first.
--- Returns {free capacity left, started task 1, ...}, each task a flat HGETALL array.
--- Per started task: one HMGET, one HSET, the index and timer updates, the event, and the
--- HGETALL of the reply; stream acks, deletes and dequeue counters go once per read.
+-- ARGV[8] reply 'full' | 'compact', ARGV[9] n = number of pre-delivered entries,
+-- ARGV[10 .. 9+3n] (stream, entryId, taskId) triples the caller already read with a
+-- blocking XREADGROUP, then the stream names to read, highest priority first.
+-- Returns {free capacity left, started task 1, ...}, each task a flat HGETALL array
+-- ('full', the TaskDO of the HTTP claim), or ('compact', what the agent runs a task with)
+-- the values of taskId, taskType, attempt, gpuId, payload, priority, displayId, userId, app,
+-- timeout, retryCount, maxRetries ('' for a missing one) in that order
+-- (core/dispatch.py: COMPACT_FIELDS).
+-- Per started task: one HMGET, one HSET, the index and timer updates, the event (and with
+-- 'full' the HGETALL of the reply); stream acks, deletes and dequeue counters go once per
+-- read.
 local gpu = ARGV[3]
 local lease = tonumber(ARGV[4])
 local grace, fraction = tonumber(ARGV[5]), tonumber(ARGV[6])
 local recover = ARGV[7] == '1'
-local npre = tonumber(ARGV[8])
+local compact = ARGV[8] == 'compact'
+local npre = tonumber(ARGV[9])
 local gkey = k_gpu(gpu)
 local running = k_running(gpu)
 local g = redis.call('HMGET', gkey, 'status', 'maxConcurrentTasks')
@@ -57,7 +63,8 @@ local function start(id, tkey, t)
     redis.call('ZADD', K_LOCKS, now, gpu)
   end
   move_index(id, 'QUEUED', 'PROCESSING', t[5], ttype, now)
-  local fields = {'HSET', tkey, 'status', 'PROCESSING', 'attempt', tonumber(t[8] or 0) + 1,
+  local attempt = tonumber(t[8] or 0) + 1
+  local fields = {'HSET', tkey, 'status', 'PROCESSING', 'attempt', attempt,
                   'gpuId', gpu, 'startedAt', now, 'updatedAt', now, 'progress', 0,
                   'progressMessage', '', 'streamId', '', 'leaseDeadline', now + lease}
   local ran = ran_on(t[6], gpu)
@@ -67,7 +74,12 @@ local function start(id, tkey, t)
   arm_timer_sets(id, now, lease, tonumber(t[7] or 0), grace, fraction)
   redis.call('SADD', running, id)
   emit('started', id, 'PROCESSING', {'gpuId', gpu})
-  table.insert(started, redis.call('HGETALL', tkey))
+  if compact then
+    table.insert(started, {id, ttype, attempt, gpu, t[9] or '', t[10] or '', t[5], t[11] or '',
+                           t[12] or '', t[7] or '', t[13] or '', t[14] or ''})
+  else
+    table.insert(started, redis.call('HGETALL', tkey))
+  end
   free = free - 1
   if exclusive then free = 0 end
 end
@@ -77,7 +89,8 @@ end
 local function take(eid, id)
   local tkey = k_task(id)
   local t = redis.call('HMGET', tkey, 'status', 'streamId', 'taskType', 'tier', 'displayId',
-                       'ranOn', 'timeout', 'attempt')
+                       'ranOn', 'timeout', 'attempt', 'payload', 'priority', 'userId', 'app',
+                       'retryCount', 'maxRetries')
   if t[3] then
     local sk = k_qstat(t[3], t[4])
     dequeued[sk] = (dequeued[sk] or 0) + 1
@@ -100,12 +113,12 @@ local function take_all(q, entries)
 end
 
 for i = 0, npre - 1 do
-  local q, eid, id = ARGV[9 + 3 * i], ARGV[10 + 3 * i], ARGV[11 + 3 * i]
+  local q, eid, id = ARGV[10 + 3 * i], ARGV[11 + 3 * i], ARGV[12 + 3 * i]
   drop_entries(q, {eid})
   take(eid, id)
 end
 
-local first = 9 + 3 * npre
+local first = 10 + 3 * npre
 if recover then
   for i = first, #ARGV do
     local r = redis.call('XREADGROUP', 'GROUP', GROUP, gpu, 'COUNT', 100, 'STREAMS', ARGV[i], '0')
