@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parent.parent
+
 PYTHON_PEERS = ("celery", "rq", "arq", "dramatiq", "saq")
 DRAIN_FACTOR = 1.5  # gpuflow's drain ≥ 1.5 × the fastest Python peer
 HTTP_SHARE = 0.5  # POST /api/v2/tasks ≥ 50 % of the bare FastAPI + XADD ceiling
@@ -154,7 +156,9 @@ def e2e_note(results: Results) -> str:
 def render(results: Results) -> str:
     m = results.machine
     targets = "\n".join(f"| {t} | {v} | **{r}** |" for t, v, r in results.targets())
-    errors = "".join(f"\n- **{k}** did not finish: {v}" for k, v in results.errors.items())
+    errors = "".join(
+        f"\n- **{k}** did not finish: {_relative(v)}" for k, v in results.errors.items()
+    )
     return f"""# Benchmarks
 
 _Written by `bench/run.py`; do not edit by hand (rerun it)._
@@ -213,3 +217,8 @@ def write_report(results: Results, out: Path) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return text
+
+
+def _relative(text: str) -> str:
+    """An error as the report shows it: paths under the repository made relative."""
+    return text.replace(str(ROOT) + "/", "")

@@ -20,6 +20,17 @@ from gpuflow.store.embedded import find_redis_server
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _shown(path: str | Path) -> str:
+    """A path as the report shows it: relative to the repository (the report is committed, and
+    this checkout's location means nothing elsewhere); the venv's copy by its package."""
+    text = str(path)
+    if "site-packages/" in text:
+        return "the " + text.split("site-packages/", 1)[1].split("/", 1)[0] + " package's binary"
+    with contextlib.suppress(ValueError):
+        return str(Path(text).resolve().relative_to(ROOT))
+    return Path(text).name
+
+
 def machine(r: redis.Redis, redis_server: str | None) -> dict[str, str]:
     """The facts that go at the top of the report."""
     cpu = platform.processor() or "?"
@@ -29,7 +40,7 @@ def machine(r: redis.Redis, redis_server: str | None) -> dict[str, str]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     info = r.info("server")
-    binary = find_redis_server(redis_server)
+    binary = _shown(find_redis_server(redis_server))
     return {
         "cores": str(os.cpu_count()),
         "cpu": cpu,
