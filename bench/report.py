@@ -198,7 +198,7 @@ _Written by `bench/run.py`; do not edit by hand (rerun it)._
 - **Enqueue**: 1 at a time = sequential calls of the normal API (gpuflow: `Tasks.create`, the
   direct Redis path the API itself calls; over HTTP: `AsyncClient.create_task`). Batch = the
   peer's bulk call where it has one, else 64 concurrent calls (async peers) or a loop; over
-  HTTP 32 concurrent `create_task` (at 64 the api answered 503: its Redis pool ran out).
+  HTTP 32 concurrent `create_task`, as the HTTP ceiling's load generator.
 - **E2E**: submit one task, wait for its result, {results.args.get("e2e")} times in a row, with
   the workers of the drain setup idle. gpuflow over HTTP uses
   `GET /api/v2/tasks/{{id}}/result?wait=` (long-poll) when the server has it, else

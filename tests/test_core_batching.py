@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from gpuflow.core.coalesce import Coalescer
-from gpuflow.core.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
+from gpuflow.core.errors import Conflict, Damaged, InvalidInput, NotFound, PayloadTooLarge
 from gpuflow.core.gpus import GpuSpec
 from gpuflow.core.models import TaskStatus
 from gpuflow.core.tasks import NewTask, Report
@@ -111,7 +111,9 @@ async def test_compact_claim_gives_the_agent_what_the_full_view_gives(services: 
     await s.gpus.register(GpuSpec("g1", [1], max_concurrent_tasks=1))
     await s.gpus.register(GpuSpec("g2", [1], max_concurrent_tasks=1))
     for _ in range(2):
-        await s.tasks.create(NewTask(1, '{"in": "a.jpg"}', "u1", "app1", 3, max_retries=2))
+        await s.tasks.create(
+            NewTask(1, '{"in": "a.jpg"}', "u1", "app1", 3, max_retries=2, timeout=0)
+        )
     (full,) = await s.dispatch.claim("g1")
     (compact,) = await s.dispatch.claim("g2", compact=True)
     a, b = ClaimedTask.from_view(full), ClaimedTask.from_view(compact)
@@ -126,3 +128,47 @@ async def test_compact_claim_gives_the_agent_what_the_full_view_gives(services: 
     assert [getattr(a, f) for f in same] == [getattr(b, f) for f in same]
     assert b.display_id == a.display_id + 1
     assert (await s.tasks.get(b.task_id))["status"] == "PROCESSING"
+
+
+@pytest.mark.redis
+async def test_a_damaged_record_fails_its_own_report_only(services: Services) -> None:
+    s = services
+    a, b, c = await _running(s, 3)
+    await s.store.redis.hdel(s.store.keys.task(str(b["taskId"])), "startedAt")
+    ends = await asyncio.gather(
+        *(
+            s.tasks.finish(str(t["taskId"]), TaskStatus.COMPLETED, "r", attempt=1)
+            for t in (a, b, c)
+        ),
+        return_exceptions=True,
+    )
+    assert ends[0] == ends[2] == TaskStatus.COMPLETED
+    assert isinstance(ends[1], Damaged) and "damaged" in str(ends[1])
+    assert (await s.tasks.get(str(c["taskId"])))["status"] == "COMPLETED"
+
+
+@pytest.mark.redis
+async def test_a_new_registration_is_seen_by_the_next_claim(services: Services) -> None:
+    s = services
+    await s.gpus.register(GpuSpec("g1", [1, 2], max_concurrent_tasks=4))
+    assert await s.dispatch.claim("g1") == []  # caches g1's streams (types 1 and 2)
+    await s.gpus.register(GpuSpec("g1", [1], max_concurrent_tasks=4))  # type 2 dropped
+    await s.tasks.create(NewTask(2, "not for g1 any more"))
+    assert await s.dispatch.claim("g1") == []
+
+
+async def test_coalescer_cancels_what_a_dying_flusher_leaves() -> None:
+    started = asyncio.Event()
+
+    async def hang(items: list[int]) -> list[int | Exception]:
+        started.set()
+        await asyncio.sleep(3600)
+        return items
+
+    co: Coalescer[int, int] = Coalescer(hang, max_batch=1)
+    calls = [asyncio.ensure_future(co.submit(i)) for i in range(3)]
+    await asyncio.wait_for(started.wait(), 5)
+    (flusher,) = co._flushers.values()
+    flusher.cancel()
+    done, _ = await asyncio.wait(calls, timeout=5)
+    assert len(done) == 3 and all(c.cancelled() for c in calls)

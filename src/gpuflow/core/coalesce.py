@@ -25,51 +25,69 @@ BatchCall = Callable[[list[T]], Awaitable[Sequence[R | Exception]]]
 class Coalescer(Generic[T, R]):
     """``await submit(item)`` runs ``item`` as part of the next batch call.
 
-    One batch is in flight at a time (per coalescer); up to ``max_batch`` items go in each.
+    One batch is in flight at a time (per event loop); up to ``max_batch`` items go in each.
     When the batch call itself fails (a lost connection), every item in it gets that error.
     A caller cancelled after its batch left may still have had its item applied, as with
-    any cancelled remote call.
+    any cancelled remote call. No caller waits forever: if the flushing task dies (cancelled
+    at shutdown), the items it had not answered are cancelled.
     """
 
     def __init__(self, call: BatchCall[T, R], max_batch: int = 128) -> None:
         self._call = call
         self._max = max(1, max_batch)
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._flushers: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
 
     async def submit(self, item: T) -> R:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
         self._pending.append((item, fut))
-        flusher = self._flusher
-        if flusher is None or flusher.done() or flusher.get_loop() is not loop:
-            self._flusher = loop.create_task(self._flush(loop))
+        flusher = self._flushers.get(loop)
+        if flusher is None or flusher.done():
+            self._flushers = {lp: t for lp, t in self._flushers.items() if not lp.is_closed()}
+            self._flushers[loop] = loop.create_task(self._flush(loop))
         return await fut
 
+    def _take(
+        self, loop: asyncio.AbstractEventLoop, limit: int
+    ) -> list[tuple[T, asyncio.Future[R]]]:
+        """Up to ``limit`` pending items of ``loop``, out of the pending list (the items of a
+        closed loop are dropped: nobody can be answered there)."""
+        taken: list[tuple[T, asyncio.Future[R]]] = []
+        kept: list[tuple[T, asyncio.Future[R]]] = []
+        for entry in self._pending:
+            owner = entry[1].get_loop()
+            if owner is loop and len(taken) < limit:
+                taken.append(entry)
+            elif not owner.is_closed():
+                kept.append(entry)
+        self._pending = kept
+        return taken
+
     async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        while self._pending:
-            # Items of another (closed) event loop cannot be answered: drop them.
-            pending = [(i, f) for i, f in self._pending if f.get_loop() is loop]
-            batch, rest = pending[: self._max], pending[self._max :]
-            self._pending = rest
-            live = [(item, fut) for item, fut in batch if not fut.done()]
-            if not live:
-                continue
-            try:
-                results = await self._call([item for item, _ in live])
-            except asyncio.CancelledError:
-                for _, fut in live:
-                    fut.cancel()
-                raise
-            except Exception as exc:
-                for _, fut in live:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            for (_, fut), result in zip(live, results, strict=True):
-                if fut.done():
+        live: list[tuple[T, asyncio.Future[R]]] = []
+        try:
+            while batch := self._take(loop, self._max):
+                live = [(item, fut) for item, fut in batch if not fut.done()]
+                if not live:
                     continue
-                if isinstance(result, Exception):
-                    fut.set_exception(result)
-                else:
-                    fut.set_result(result)
+                results: Sequence[R | Exception]
+                try:
+                    results = await self._call([item for item, _ in live])
+                except Exception as exc:
+                    results = [exc] * len(live)
+                if len(results) != len(live):
+                    error = RuntimeError(f"batch call answered {len(results)} of {len(live)}")
+                    results = [error] * len(live)
+                for (_, fut), result in zip(live, results, strict=True):
+                    if fut.done():
+                        continue
+                    if isinstance(result, Exception):
+                        fut.set_exception(result)
+                    else:
+                        fut.set_result(result)
+                live = []
+        finally:
+            for _, fut in live + self._take(loop, len(self._pending)):
+                if not fut.done():
+                    fut.cancel()

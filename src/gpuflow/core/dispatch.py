@@ -22,8 +22,9 @@ from gpuflow.store import Store
 from gpuflow.store.keys import GROUP
 
 #: How long a node's stream list is reused before it is read again. The claim script checks
-#: the node's status and existence itself on every call; only a change of its task types
-#: (a new registration) takes up to this long to be seen.
+#: the node's status and existence itself on every call; a new registration made through
+#: this process is seen at once (Gpus.generation), one made through another process (the
+#: node's types changed) within this long.
 STREAMS_TTL_S = 1.0
 
 
@@ -45,7 +46,24 @@ COMPACT_FIELDS = (
 
 
 def _compact_view(row: list[Any]) -> dict[str, Any]:
-    return {k: (None if v == "" else v) for k, v in zip(COMPACT_FIELDS, row, strict=True)}
+    """The compact row with the types of the TaskDO view (ints, None for missing)."""
+    view = {k: (None if v == "" else v) for k, v in zip(COMPACT_FIELDS, row, strict=True)}
+    for k in _COMPACT_INTS:
+        value = view[k]
+        if value is not None:
+            view[k] = int(value)
+    return view
+
+
+_COMPACT_INTS = (
+    "taskType",
+    "attempt",
+    "priority",
+    "displayId",
+    "timeout",
+    "retryCount",
+    "maxRetries",
+)
 
 
 class Dispatcher:
@@ -55,14 +73,16 @@ class Dispatcher:
         self.store = store
         self.gpus = gpus
         self.blocking = blocking
-        self._streams: dict[str, tuple[float, list[str]]] = {}
+        self._streams: dict[str, tuple[float, int, list[str]]] = {}
 
     async def _node_streams(self, gpu_id: str) -> list[str]:
         """The streams the node reads, highest priority first (cached ``STREAMS_TTL_S``)."""
         now = time.monotonic()
         cached = self._streams.get(gpu_id)
-        if cached is not None and now - cached[0] < STREAMS_TTL_S:
-            return cached[1]
+        if cached and now - cached[0] < STREAMS_TTL_S and cached[1] == self.gpus.generation:
+            return cached[2]
+        if len(self._streams) > 100_000:  # nodes come and go: keep the cache bounded
+            self._streams.clear()
         h = await self.store.redis.hmget(
             self.store.keys.gpu(gpu_id), "supportedTaskTypes", "supportedTaskPriority"
         )
@@ -70,7 +90,7 @@ class Dispatcher:
             self._streams.pop(gpu_id, None)
             raise NotFound(f"GPU {gpu_id} not registered")
         streams = self.gpus.streams_for(json.loads(h[0] or "[]"), h[1] or "NORMAL")
-        self._streams[gpu_id] = (now, streams)
+        self._streams[gpu_id] = (now, self.gpus.generation, streams)
         return streams
 
     async def _claim(

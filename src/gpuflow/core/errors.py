@@ -37,3 +37,10 @@ class PayloadTooLarge(GpuflowError):
 
 class Unavailable(GpuflowError):
     status_code = 503
+
+
+class Damaged(GpuflowError):
+    """A stored record a transition cannot work with (a field missing or malformed): the
+    server's fault, not the caller's."""
+
+    status_code = 500

@@ -68,6 +68,9 @@ class Gpus:
         self.store = store
         self.keys = store.keys
         self._capacity_cache: tuple[float, list[dict[str, Any]]] | None = None
+        #: Bumped by every registration made through this process: caches of what nodes
+        #: serve (the dispatcher's stream lists) are stale from then on.
+        self.generation = 0
 
     def invalidate(self) -> None:
         """Forget the cached capacity (after a status change made elsewhere)."""
@@ -85,6 +88,7 @@ class Gpus:
             "register_gpu", spec.gpu_id, len(flat) // 2, *flat, *streams
         )
         self._capacity_cache = None
+        self.generation += 1
         return str(status)
 
     async def heartbeat(

@@ -11,6 +11,7 @@ from typing import Any
 from gpuflow.core.coalesce import Coalescer
 from gpuflow.core.errors import (
     Conflict,
+    Damaged,
     GpuflowError,
     InvalidInput,
     NotFound,
@@ -58,6 +59,8 @@ def _raise_for(reply: list[Any], task_id: str) -> None:
         raise Conflict(f"task {task_id}: {reply[1]}")
     if reply[0] == "NOGPU":
         raise NotFound("GPU not registered")
+    if reply[0] == "ERROR":
+        raise Damaged(f"task {task_id}: its record is damaged: {reply[1]}")
 
 
 def first_set(*values: int | None) -> int:

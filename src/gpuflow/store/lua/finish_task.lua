@@ -6,7 +6,9 @@
 -- ('' = current), gpuId ('' = any), outcome COMPLETED|FAILED|TIMEOUT, result or error text,
 -- retryable 1|0, jitter factor.
 -- The backoff of retry n (n = retryCount before it) is min(cap, base * 2^n) * jitter.
--- Returns one reply per task, in order: {'OK', newStatus} or {'NOTFOUND'} / {'CONFLICT', why}.
+-- Returns one reply per task, in order: {'OK', newStatus} or {'NOTFOUND'} / {'CONFLICT', why},
+-- or {'ERROR', message} when its task record is damaged (a field missing): that report
+-- stops where it failed (Redis does not undo a script's writes), the others still apply.
 -- Each report is applied exactly as if it came alone, in the order given.
 local base, threshold, cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local n = tonumber(ARGV[6])
@@ -64,8 +66,14 @@ end
 local replies = {}
 for i = 0, n - 1 do
   local a = 7 + 7 * i
-  replies[i + 1] = finish(ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
+  local ok, reply = pcall(finish, ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
                           ARGV[a + 5] == '1', tonumber(ARGV[a + 6]))
+  if ok then
+    replies[i + 1] = reply
+  else  -- a Lua error (a string) or a failed redis.call (a table with err)
+    if type(reply) == 'table' then reply = reply.err end
+    replies[i + 1] = {'ERROR', tostring(reply)}
+  end
 end
 -- Each type's average run time: the same moving average as one report at a time.
 for ttype, runs in pairs(durations) do
