@@ -143,7 +143,7 @@ class Bench:
         }  # fmt: skip
         return {
             # command: (calls, µs inside Redis) per task, from INFO commandstats
-            "calls_per_task": {k: v for k, v in per_task.items() if v[0] >= 0.05},
+            "calls_per_task": {k: v for k, v in per_task.items() if v[0] >= 0.01},
             "rate": (n - first[1]) / span,
             "total_s": now - t_start,
             "redis_us": redis_us,
