@@ -196,7 +196,8 @@ _Written by `bench/run.py`; do not edit by hand (rerun it)._
   processes with their children, over the same span as the rate, divided by the tasks
   finished in it: what one task costs each side, whatever else the machine runs.
 - **Enqueue**: 1 at a time = sequential calls of the normal API (gpuflow: `Tasks.create`, the
-  direct Redis path the API itself calls; over HTTP: `AsyncClient.create_task`). Batch = the
+  direct Redis path the API itself calls; over HTTP: `AsyncClient.create_task`, with
+  `transport="aiohttp"`). Batch = the
   peer's bulk call where it has one, else 64 concurrent calls (async peers) or a loop; over
   HTTP 32 concurrent `create_task`, as the HTTP ceiling's load generator.
 - **E2E**: submit one task, wait for its result, {results.args.get("e2e")} times in a row, with

@@ -269,7 +269,8 @@ class Bench:
         http = self.results.system(
             "gpuflow (HTTP API)",
             gpuflow.__version__,
-            "1 `gpuflow api` (uvicorn) + the workers above; `gpuflow.client.AsyncClient`",
+            "1 `gpuflow api` (uvicorn) + the workers above; "
+            '`gpuflow.client.AsyncClient(transport="aiohttp")`',
         )
         s, n, t = self.settings(), self.args.n, float(self.args.phase_timeout)
         self.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -21,9 +22,11 @@ from .servers import ApiServer
 from .test_client_support import Node, closed_port_url
 
 
-@pytest.fixture
-async def gf(api_server: ApiServer) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(api_server.url, api_server.admin_key) as client:
+@pytest.fixture(params=["httpx", "aiohttp"])
+async def gf(api_server: ApiServer, request: pytest.FixtureRequest) -> AsyncIterator[AsyncClient]:
+    """Every test runs over httpx's own transport and over aiohttp (transport="aiohttp")."""
+    transport = "aiohttp" if request.param == "aiohttp" else None
+    async with AsyncClient(api_server.url, api_server.admin_key, transport=transport) as client:
         yield client
 
 
@@ -89,6 +92,13 @@ async def test_errors_map_to_the_same_classes(gf: AsyncClient, api_server: ApiSe
     async with AsyncClient(api_server.url, "wrong") as stranger:
         with pytest.raises(AuthError):
             await stranger.list_tasks()
-    async with AsyncClient(closed_port_url(), "k", retries=0) as nowhere:
-        with pytest.raises(TransportError, match="cannot reach gpuflow"):
-            await nowhere.health()
+    for transport in (None, "aiohttp"):
+        async with AsyncClient(closed_port_url(), "k", retries=1, transport=transport) as nowhere:
+            with pytest.raises(TransportError, match="cannot reach gpuflow"):
+                await nowhere.health()
+
+
+def test_the_aiohttp_transport_needs_its_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "httpx_aiohttp", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"gpuflow\[aiohttp\]"):
+        AsyncClient("http://127.0.0.1:1", "k", transport="aiohttp")
