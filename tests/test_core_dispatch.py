@@ -121,3 +121,17 @@ async def test_a_resent_create_script_answers_the_same_task(services: Services) 
     _, total = await s.tasks.list()
     assert total == 1
     assert await s.store.redis.xlen(s.store.keys.queue(1, "NORMAL")) == 1
+
+
+async def test_capacity_is_summed_per_type_and_tier(services: Services) -> None:
+    s = services
+    await s.gpus.register(GpuSpec("n1", [1], max_concurrent_tasks=2))
+    await s.gpus.register(
+        GpuSpec("v1", [2], supported_task_priority=Tier.VIP, max_concurrent_tasks=3)
+    )
+    assert await s.gpus.capacity(1, Tier.NORMAL) == 2
+    assert await s.gpus.capacity(1, Tier.VIP) == 2  # a NORMAL node takes VIP tasks too
+    assert await s.gpus.capacity(2, Tier.VIP) == 3
+    assert await s.gpus.capacity(2, Tier.NORMAL) == 0  # a VIP node takes only VIP
+    await s.gpus.set_status("n1", GpuStatus.FAULTY, "hot")
+    assert await s.gpus.capacity(1, Tier.NORMAL) == 0  # a status change is seen at once

@@ -68,6 +68,9 @@ class Gpus:
         self.store = store
         self.keys = store.keys
         self._capacity_cache: tuple[float, list[dict[str, Any]]] | None = None
+        #: The sums computed from _capacity_cache, per (type, tier): a create must not add up
+        #: every GPU of a large fleet again.
+        self._capacity_sums: dict[tuple[int, Tier], int] = {}
         #: Bumped by every registration made through this process: caches of what nodes
         #: serve (the dispatcher's stream lists) are stale from then on.
         self.generation = 0
@@ -178,10 +181,15 @@ class Gpus:
     async def capacity(self, task_type: int, tier: Tier) -> int:
         """Sum of maxConcurrentTasks of ACTIVE nodes serving (type, tier); cached briefly."""
         now = time.monotonic()
-        if self._capacity_cache is None or now - self._capacity_cache[0] > self.CAPACITY_TTL_S:
-            self._capacity_cache = (now, await self.all())
-        return sum(
-            int(v["maxConcurrentTasks"] or 0)
-            for v in self._capacity_cache[1]
-            if v["status"] == GpuStatus.ACTIVE and serves(v, task_type, tier)
-        )
+        cache = self._capacity_cache
+        if cache is None or now - cache[0] > self.CAPACITY_TTL_S:
+            cache = self._capacity_cache = (now, await self.all())
+            self._capacity_sums = {}
+        total = self._capacity_sums.get((task_type, tier))
+        if total is None:
+            total = self._capacity_sums[task_type, tier] = sum(
+                int(v["maxConcurrentTasks"] or 0)
+                for v in cache[1]
+                if v["status"] == GpuStatus.ACTIVE and serves(v, task_type, tier)
+            )
+        return total
