@@ -17,6 +17,7 @@ from redis.exceptions import ResponseError
 
 from gpuflow.core.errors import NotFound
 from gpuflow.core.gpus import Gpus
+from gpuflow.core.models import task_view
 from gpuflow.core.tasks import started_tasks
 from gpuflow.store import Store
 from gpuflow.store.keys import GROUP
@@ -46,24 +47,8 @@ COMPACT_FIELDS = (
 
 
 def _compact_view(row: list[Any]) -> dict[str, Any]:
-    """The compact row with the types of the TaskDO view (ints, None for missing)."""
-    view = {k: (None if v == "" else v) for k, v in zip(COMPACT_FIELDS, row, strict=True)}
-    for k in _COMPACT_INTS:
-        value = view[k]
-        if value is not None:
-            view[k] = int(value)
-    return view
-
-
-_COMPACT_INTS = (
-    "taskType",
-    "attempt",
-    "priority",
-    "displayId",
-    "timeout",
-    "retryCount",
-    "maxRetries",
-)
+    """The compact row as a TaskDO view (the same types; the fields it lacks are None)."""
+    return task_view(dict(zip(COMPACT_FIELDS, row, strict=True)))
 
 
 class Dispatcher:
@@ -129,9 +114,9 @@ class Dispatcher:
         self, gpu_id: str, wait_s: float = 0.0, *, recover: bool = False, compact: bool = False
     ) -> list[dict[str, Any]]:
         """Start what the node can take now; if nothing, wait up to ``wait_s`` for a task.
-        Each started task as its TaskDO view, or with ``compact`` only the
-        :data:`COMPACT_FIELDS` an agent runs it with (as strings; None for a missing one):
-        the agent's claims skip reading and decoding the whole record."""
+        Each started task as its TaskDO view; with ``compact`` that view holds only the
+        :data:`COMPACT_FIELDS` an agent runs it with (the rest None): the agent's claims
+        skip reading the whole record."""
         streams = await self._node_streams(gpu_id)
         if not streams:
             await asyncio.sleep(min(wait_s, 1.0))
