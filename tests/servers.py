@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 import uvicorn
+from fastapi import FastAPI
 
 from gpuflow.api.app import create_app
 from gpuflow.config import Settings
@@ -18,14 +19,17 @@ class ApiServer:
     admin_key: str
     server: uvicorn.Server
     thread: threading.Thread
+    app: FastAPI
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
 
 
-def start_api(settings: Settings, redis_url: str, timeout: float = 10.0) -> ApiServer:
-    app = create_app(settings, redis_url)
+def start_api(
+    settings: Settings, redis_url: str, timeout: float = 10.0, *, fast_paths: bool = True
+) -> ApiServer:
+    app = create_app(settings, redis_url, fast_paths=fast_paths)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -36,4 +40,4 @@ def start_api(settings: Settings, redis_url: str, timeout: float = 10.0) -> ApiS
             raise RuntimeError("API server did not start")
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
-    return ApiServer(f"http://127.0.0.1:{port}", settings.admin_key or "", server, thread)
+    return ApiServer(f"http://127.0.0.1:{port}", settings.admin_key or "", server, thread, app)

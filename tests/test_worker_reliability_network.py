@@ -230,7 +230,7 @@ def start_api_at(settings: Settings, redis_url: str, port: int) -> ApiServer:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("API server did not start")
         time.sleep(0.01)
-    return ApiServer(f"http://127.0.0.1:{port}", settings.admin_key or "", server, thread)
+    return ApiServer(f"http://127.0.0.1:{port}", settings.admin_key or "", server, thread, app)
 
 
 @pytest.mark.redis

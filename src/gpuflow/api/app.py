@@ -21,6 +21,7 @@ from gpuflow.api import (
 )
 from gpuflow.api.deps import SECURITY_SCHEMES
 from gpuflow.api.envelope import error, install_error_handlers
+from gpuflow.api.fastpath import HeartbeatFastPath
 from gpuflow.config import Settings
 from gpuflow.core.cluster import Membership, new_instance_id
 from gpuflow.core.leader import Leadership
@@ -35,9 +36,12 @@ Timestamps are epoch milliseconds.
 """
 
 
-def create_app(settings: Settings, redis_url: str, *, background: bool = True) -> FastAPI:
+def create_app(
+    settings: Settings, redis_url: str, *, background: bool = True, fast_paths: bool = True
+) -> FastAPI:
     """An app bound to one Redis; ``background`` campaigns for leadership and, while
-    leading, runs the maintenance loops in-process."""
+    leading, runs the maintenance loops in-process. ``fast_paths`` answers heartbeats
+    without FastAPI's routing (api/fastpath.py); off, the route answers them all."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,7 +81,10 @@ def create_app(settings: Settings, redis_url: str, *, background: bool = True) -
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=settings.max_payload_bytes * 2 + 65_536)
+    limit = settings.max_payload_bytes * 2 + 65_536
+    app.add_middleware(BodyLimit, limit=limit)
+    if fast_paths:
+        app.add_middleware(HeartbeatFastPath, max_body=limit)
 
     for module in (
         routes_tasks,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -38,9 +38,9 @@ async def get_system(request: Request) -> System:
 SystemDep = Annotated[System, Depends(get_system)]
 
 
-def credential(request: Request) -> str | None:
-    """The API key of ``X-API-Key``, else of ``Authorization: Bearer``."""
-    headers = request.headers
+def credential(headers: Mapping[str, str]) -> str | None:
+    """The API key of ``X-API-Key``, else of ``Authorization: Bearer`` (``headers`` keyed
+    by lower-case name)."""
     key = headers.get("x-api-key")
     if key:
         return key
@@ -50,7 +50,7 @@ def credential(request: Request) -> str | None:
 
 
 async def get_principal(request: Request) -> Principal:
-    key = credential(request)
+    key = credential(request.headers)
     if not key:
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>` or `X-API-Key`")
     system: System = request.app.state.system

@@ -71,6 +71,15 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
 
 
+def redis_down(exc: Exception) -> Response:
+    log.warning("Redis unavailable: %s", exc)
+    return error(503, "Redis is unavailable; retry shortly", {"Retry-After": "1"})
+
+
+#: The Redis errors that mean "unavailable, retry" rather than a bug.
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, BusyLoadingError)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GpuflowError)
     async def _domain(_: Request, exc: GpuflowError) -> Response:
@@ -88,8 +97,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RedisTimeoutError)
     @app.exception_handler(BusyLoadingError)
     async def _redis_down(_: Request, exc: Exception) -> Response:
-        log.warning("Redis unavailable: %s", exc)
-        return error(503, "Redis is unavailable; retry shortly", {"Retry-After": "1"})
+        return redis_down(exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:

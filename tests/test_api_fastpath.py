@@ -1,0 +1,134 @@
+"""The heartbeat fast path answers exactly what the FastAPI route answers, and hands every
+case it does not take to that route."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from gpuflow.config import Settings
+from gpuflow.core.gpus import Gpus
+from gpuflow.core.models import GpuStatus
+from gpuflow.store import Store
+
+from .servers import ApiServer, start_api
+
+
+@pytest.fixture
+def route_server(redis_url: str, settings: Settings, api_server: ApiServer) -> Iterator[ApiServer]:
+    """A second API over the same namespace with the fast path off: the reference."""
+    server = start_api(settings, redis_url, fast_paths=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+GPU = {
+    "supportedTaskTypes": [7],
+    "supportedTaskPriority": "NORMAL",
+    "maxConcurrentTasks": 2,
+}
+
+
+async def _setup(c: httpx.AsyncClient, admin_key: str) -> dict[str, str]:
+    """Register a GPU with a running task; keys of each role."""
+    admin = {"X-API-Key": admin_key}
+    keys = {}
+    for role in ("worker", "client", "viewer"):
+        body: dict[str, Any] = {"role": role, **({"userId": "u1"} if role == "client" else {})}
+        r = await c.post("/api/v2/keys", json=body, headers=admin)
+        keys[role] = r.json()["data"]["key"]
+    worker = {"X-API-Key": keys["worker"]}
+    r = await c.post("/api/v2/gpus/register", json={"gpuId": "fp-gpu", **GPU}, headers=worker)
+    assert r.status_code == 200
+    await c.post("/api/v2/tasks", json={"taskType": 7}, headers=admin)
+    claimed = await c.post("/api/v2/gpus/fp-gpu/claim", params={"wait": 0}, headers=worker)
+    keys["task"] = claimed.json()["data"][0]["taskId"]
+    return keys
+
+
+def _cases(keys: dict[str, str]) -> list[tuple[str, bool, dict[str, Any]]]:
+    """(name, whether the fast path answers it, request arguments)."""
+    worker = {"X-API-Key": keys["worker"]}
+    task = keys["task"]
+    json_h = {**worker, "Content-Type": "application/json"}
+    return [
+        ("no body", True, {"headers": worker}),
+        ("empty list", True, {"headers": worker, "json": {"running": []}}),
+        ("listed task", True, {"headers": worker, "json": {"running": [
+            {"taskId": task, "attempt": 1}]}}),
+        ("unknown task", True, {"headers": worker, "json": {"running": [
+            {"taskId": task, "attempt": 1}, {"taskId": "task_gone", "attempt": 3}]}}),
+        ("bearer", True, {"headers": {"Authorization": f"Bearer {keys['worker']}"}}),
+        ("json charset", True, {"headers": {**worker, "Content-Type":
+            "application/json; charset=utf-8"}, "content": b'{"running": []}'}),
+        ("unknown gpu", True, {"headers": worker, "path": "/api/v2/gpus/nope/heartbeat"}),
+        ("no key", False, {}),
+        ("unknown key", False, {"headers": {"X-API-Key": "gf_worker_nope"}}),
+        ("client key", False, {"headers": {"X-API-Key": keys["client"]}}),
+        ("viewer key", False, {"headers": {"X-API-Key": keys["viewer"]}}),
+        ("wrong type", False, {"headers": worker, "json": {"running": [
+            {"taskId": 5, "attempt": 1}]}}),
+        ("attempt 0", False, {"headers": worker, "json": {"running": [
+            {"taskId": task, "attempt": 0}]}}),
+        ("not an object", False, {"headers": worker, "json": [1, 2]}),
+        ("malformed", False, {"headers": json_h, "content": b'{"running": ['}),
+        ("text body", False, {"headers": {**worker, "Content-Type": "text/plain"},
+            "content": b'{"running": []}'}),
+        ("query", False, {"headers": worker, "params": {"x": "1"}}),
+    ]  # fmt: skip
+
+
+async def _send(c: httpx.AsyncClient, args: dict[str, Any]) -> tuple[int, Any]:
+    args = dict(args)
+    path = args.pop("path", "/api/v2/gpus/fp-gpu/heartbeat")
+    r = await c.post(path, **args)
+    return r.status_code, r.json()
+
+
+async def test_fast_path_answers_as_the_route(
+    api_server: ApiServer, route_server: ApiServer
+) -> None:
+    async with (
+        httpx.AsyncClient(base_url=api_server.url, timeout=30) as fast,
+        httpx.AsyncClient(base_url=route_server.url, timeout=30) as route,
+    ):
+        keys = await _setup(fast, api_server.admin_key)
+        state = api_server.app.state
+        for name, taken, args in _cases(keys):
+            before = getattr(state, "fast_heartbeats", 0)
+            got = await _send(fast, args)
+            hits = getattr(state, "fast_heartbeats", 0) - before
+            want = await _send(route, args)
+            assert got == want, name
+            assert hits == (1 if taken else 0), name
+        # Spot checks that the answers compared above are the right ones.
+        status, body = await _send(fast, _cases(keys)[3][2])
+        assert (status, body["data"]) == (200, {"status": "ACTIVE", "stop": ["task_gone"]})
+        status, body = await _send(fast, {"headers": {"X-API-Key": keys["client"]}})
+        assert status == 403 and body["code"] == 403
+        status, body = await _send(fast, _cases(keys)[11][2])
+        assert status == 400 and "taskId" in body["message"]
+    assert getattr(route_server.app.state, "fast_heartbeats", 0) == 0
+
+
+async def test_fast_path_renews_the_listed_lease(api_server: ApiServer, store: Store) -> None:
+    """The fast path's writes are the route's: the listed task's lease moves forward and an
+    OFFLINE node comes back ACTIVE."""
+    async with httpx.AsyncClient(base_url=api_server.url, timeout=30) as c:
+        keys = await _setup(c, api_server.admin_key)
+        worker = {"X-API-Key": keys["worker"]}
+        await Gpus(store).set_status("fp-gpu", GpuStatus.OFFLINE, "missed heartbeats")
+        lease = await store.redis.zscore(store.keys.leases, keys["task"])
+        await asyncio.sleep(0.05)
+        body = {"running": [{"taskId": keys["task"], "attempt": 1}]}
+        r = await c.post("/api/v2/gpus/fp-gpu/heartbeat", json=body, headers=worker)
+        assert r.json()["data"] == {"status": "ACTIVE", "stop": []}
+        assert api_server.app.state.fast_heartbeats == 1
+        assert await store.redis.zscore(store.keys.leases, keys["task"]) > lease
+        assert await store.redis.hget(store.keys.gpu("fp-gpu"), "status") == "ACTIVE"
