@@ -26,7 +26,6 @@ HTTP_CONCURRENCY = 32
 #: The client's documented fast transport (the `gpuflow[aiohttp]` extra); httpx's own pool
 #: made 32 concurrent creates slower than sequential ones (~0.8k vs 1.1k/s; aiohttp ~2.7k/s).
 TRANSPORT: Literal["aiohttp"] = "aiohttp"
-POLL_S = 0.005  # client.wait()'s poll interval while the server has no long-poll
 worker = Worker(ref="bench.gpuflow_app:worker")
 
 
@@ -88,18 +87,6 @@ async def http_enqueue(api: str, key: str, n: int, *, batch: bool, deadline_s: f
         return n / (time.perf_counter() - t0)
 
 
-async def _supports_long_poll(gf: AsyncClient) -> bool:
-    """Whether the server's result route takes ``?wait=S`` (the long-poll being added)."""
-    spec = await gf._http.get("/openapi.json")
-    if spec.status_code != 200:
-        return False
-    for path, ops in spec.json().get("paths", {}).items():
-        if path.startswith("/api/v2/tasks/") and path.endswith("/result"):
-            params = ops.get("get", {}).get("parameters", [])
-            return any(p.get("name") == "wait" and p.get("in") == "query" for p in params)
-    return False
-
-
 async def _breakdown(url: str, settings: Settings, ids: list[str]) -> dict[str, float]:
     """Median ms from the task records (ms timestamps): created → started (dispatch) and
     started → completed (run + report)."""
@@ -126,27 +113,14 @@ async def http_e2e(
 ) -> dict[str, Any]:
     """Submit one task and wait for its end, ``m`` times; p50 / p99 in ms (and, given the
     Redis ``url``, where the time goes: see :func:`_breakdown`)."""
-    finals = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELED"}
     async with AsyncClient(api, api_key=key, transport=TRANSPORT) as gf:
-        long_poll = await _supports_long_poll(gf)
-
         ids: list[str] = []
 
         async def one(i: int) -> None:
-            created = await gf.create_task(TASK_TYPE, {"i": i})
-            task_id = created["taskId"]
-            ids.append(task_id)
-            if long_poll:
-                path = f"/api/v2/tasks/{task_id}/result"
-                for _ in range(60):
-                    data = await gf.request("GET", path, params={"wait": 10})
-                    if data.get("status") in finals:
-                        break
-                status = data.get("status")
-            else:
-                status = (await gf.wait(task_id, poll_interval=POLL_S))["status"]
-            if status != "COMPLETED":
-                raise RuntimeError(f"task {task_id} ended {status}")
+            task = await gf.run_task(TASK_TYPE, {"i": i})
+            ids.append(task["taskId"])
+            if task["status"] != "COMPLETED":
+                raise RuntimeError(f"task {task['taskId']} ended {task['status']}")
 
         samples: list[float] = []
         async with asyncio.timeout(deadline_s):
@@ -155,10 +129,6 @@ async def http_e2e(
                 t0 = time.perf_counter()
                 await one(i)
                 samples.append(time.perf_counter() - t0)
-    how = (
-        "GET …/result?wait=10 long-poll"
-        if long_poll
-        else f"client.wait(), {POLL_S * 1000:g} ms poll"
-    )
+    how = "`AsyncClient.run_task`: `POST /api/v2/tasks?wait=30`, one request"
     parts = await _breakdown(url, settings, ids[1:]) if url and settings else {}
     return {**_pct(samples), **parts, "how": how}

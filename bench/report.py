@@ -149,7 +149,7 @@ def e2e_note(results: Results) -> str:
         f"\ngpuflow's end-to-end time, from its task records (medians, ms resolution): "
         f"created → started {e2e['dispatch_ms']} ms, started → completed "
         f"{e2e['run_report_ms']} ms; the rest of the {e2e['p50']:.1f} ms p50 is HTTP "
-        f"(create request, long-poll answer). Wait mode: {e2e.get('how', '?')}.\n"
+        f"and the api's wake-up. Wait mode: {e2e.get('how', '?')}.\n"
     )
 
 
@@ -201,12 +201,12 @@ _Written by `bench/run.py`; do not edit by hand (rerun it)._
   peer's bulk call where it has one, else 64 concurrent calls (async peers) or a loop; over
   HTTP 32 concurrent `create_task`, as the HTTP ceiling's load generator.
 - **E2E**: submit one task, wait for its result, {results.args.get("e2e")} times in a row, with
-  the workers of the drain setup idle. gpuflow over HTTP uses
-  `GET /api/v2/tasks/{{id}}/result?wait=` (long-poll) when the server has it, else
-  `AsyncClient.wait()` polling every 5 ms. arq's `Job.result(poll_delay=0.005)` and saq's
-  `Queue.apply(poll_interval=0.005)` poll too (defaults 0.5 s); Celery (Redis result backend,
-  pub/sub), RQ (`latest_result(timeout)`, blocking stream read), dramatiq (`Results`
-  middleware, blocking) and BullMQ (`waitUntilFinished`, stream events) are notified.
+  the workers of the drain setup idle. gpuflow over HTTP uses `AsyncClient.run_task`: one
+  `POST /api/v2/tasks?wait=30` that creates the task and answers when it is final. arq's
+  `Job.result(poll_delay=0.005)` and saq's `Queue.apply(poll_interval=0.005)` poll
+  (defaults 0.5 s); Celery (Redis result backend, pub/sub), RQ (`latest_result(timeout)`,
+  blocking stream read), dramatiq (`Results` middleware, blocking) and BullMQ
+  (`waitUntilFinished`, stream events) are notified.
 - Every peer is installed in its own virtual environment under `bench/.work/venvs/` (BullMQ with
   npm under `bench/.work/node/`), each starts from an empty Redis (`FLUSHALL`). Logs of every
   process are in `bench/.work/logs/`.

@@ -249,3 +249,57 @@ async def test_openapi_documents_wait_and_the_event_stream(api: Api) -> None:
     for path in ("/api/v2/tasks/{taskId}", "/api/v2/tasks/{taskId}/result"):
         params = {p["name"]: p for p in doc["paths"][path]["get"]["parameters"]}
         assert params["wait"]["schema"]["maximum"] == 60
+
+
+async def test_create_and_wait_answers_when_the_task_ends(api: Api) -> None:
+    """POST ?wait= creates the task and answers with its detail once it is final."""
+    await api.register()
+    post = asyncio.create_task(
+        api.http.post("/api/v2/tasks", params={"wait": 20}, json={"taskType": 1, "payload": "x"})
+    )
+    claimed = await api.data("POST", f"/api/v2/gpus/{api.gpu}/claim", params={"wait": 10})
+    task_id, attempt = claimed[0]["taskId"], claimed[0]["attempt"]
+    await api.subscribed(task_id)
+    assert not post.done()
+    await api.complete(task_id, attempt, {"frames": 3})
+    r = await asyncio.wait_for(post, 10)
+    assert r.status_code == 200
+    task = r.json()["data"]
+    assert (task["taskId"], task["status"]) == (task_id, "COMPLETED")
+    assert json.loads(task["result"]) == {"frames": 3}
+    assert task["payload"] == "x" and task["gpuId"] == api.gpu  # the detail, not TaskCreated
+
+
+async def test_create_and_wait_runs_out_with_the_current_state(api: Api) -> None:
+    """No GPU serves the type: after `wait` the answer is the queued task, which stays."""
+    started = time.monotonic()
+    task = await api.data("POST", "/api/v2/tasks", params={"wait": 0.3}, json={"taskType": 1})
+    assert 0.3 <= time.monotonic() - started < 5
+    assert task["status"] == "QUEUED" and task["taskType"] == 1 and "createdAt" in task
+    assert (await api.data("GET", f"/api/v2/tasks/{task['taskId']}"))["status"] == "QUEUED"
+
+
+async def test_create_and_wait_of_an_idempotent_repeat_awaits_the_first_task(api: Api) -> None:
+    headers = {"Idempotency-Key": "order-77"}
+    body = {"taskType": 1, "payload": "same"}
+    first = await api.data("POST", "/api/v2/tasks", json=body, headers=headers)
+    again = await api.data(
+        "POST", "/api/v2/tasks", params={"wait": 0.2}, json=body, headers=headers
+    )
+    assert again["taskId"] == first["taskId"] and again["status"] == "QUEUED"
+    assert again["payload"] == "same"
+    _, total = await _count(api)
+    assert total == 1
+
+
+async def test_create_and_wait_refuses_bad_wait_and_creates_nothing(api: Api) -> None:
+    for wait in ("61", "-1", "soon"):
+        r = await api.http.post("/api/v2/tasks", params={"wait": wait}, json={"taskType": 1})
+        assert r.status_code == 400 and "wait" in r.json()["message"], r.text
+    _, total = await _count(api)
+    assert total == 0
+
+
+async def _count(api: Api) -> tuple[list[Any], int]:
+    r = await api.http.get("/api/v2/tasks")
+    return r.json()["data"], int(r.headers["X-Total-Count"])

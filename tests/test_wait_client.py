@@ -222,3 +222,54 @@ def test_event_reader() -> None:
     with pytest.raises(GpuflowError, match="bad event"):
         for line in ["data: {", ""]:
             reader.feed(line)
+
+
+def test_run_task_creates_and_awaits_in_one_request(
+    api_server: ApiServer, admin: Client, subscribed: Callable[[str], None]
+) -> None:
+    node = Node(admin)
+
+    def run_once_queued() -> None:
+        task_id, attempt = node.claim(wait=10)
+        subscribed(task_id)
+        node.complete(task_id, attempt, {"ok": True})
+
+    recorder = Recorder()
+    worker = in_thread(run_once_queued)
+    with Client(api_server.url, api_server.admin_key, transport=recorder) as gf:
+        task = gf.run_task(1, {"n": 1}, timeout=20)
+    worker.join(10)
+    assert task["status"] == "COMPLETED" and json.loads(task["result"] or "") == {"ok": True}
+    (only,) = recorder.seen
+    assert only.startswith("/api/v2/tasks?wait=")
+
+
+def test_run_task_timeout_leaves_the_task_queued(api_server: ApiServer, admin: Client) -> None:
+    with Client(api_server.url, api_server.admin_key) as gf:
+        started = time.monotonic()
+        with pytest.raises(WaitTimeout, match=r"still QUEUED"):
+            gf.run_task(1, timeout=0.3)
+        assert 0.3 <= time.monotonic() - started < 5
+    (queued,) = admin.list_tasks(status="QUEUED")
+    assert queued["taskType"] == 1
+
+
+async def test_async_run_task_returns_a_failed_task(
+    api_server: ApiServer, admin: Client, subscribed: Callable[[str], None]
+) -> None:
+    """The async client: a failed task ends the call too, with its error."""
+    node = Node(admin)
+    recorder = AsyncRecorder()
+
+    def run_late() -> None:
+        task_id, attempt = node.claim(wait=10)
+        subscribed(task_id)
+        node.fail(task_id, attempt, "bad input")
+
+    worker = in_thread(run_late)
+    async with AsyncClient(api_server.url, api_server.admin_key, transport=recorder) as gf:
+        async with asyncio.timeout(20):
+            task = await gf.run_task(1)
+    worker.join(10)
+    assert task["status"] == "FAILED" and task["errorMessage"] == "bad input"
+    assert recorder.seen[0].startswith("/api/v2/tasks?wait=30.000")

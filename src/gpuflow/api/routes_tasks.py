@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from functools import partial
@@ -27,9 +28,9 @@ from gpuflow.api.schemas import (
 from gpuflow.core.apikeys import Role
 from gpuflow.core.errors import Forbidden, GpuflowError, InvalidInput
 from gpuflow.core.models import TERMINAL_STATUSES, TaskStatus, json_text
-from gpuflow.core.notify import TaskNotifier
+from gpuflow.core.notify import TaskNotifier, settle
 from gpuflow.core.system import System
-from gpuflow.core.tasks import Idempotency, NewTask
+from gpuflow.core.tasks import Idempotency, NewTask, new_task_id
 
 router = APIRouter(prefix="/api/v2/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
 TaskId = Annotated[str, "task id"]
@@ -80,11 +81,34 @@ IdempotencyKey = Annotated[
 ]
 
 
-@router.post("", response_model=Envelope[TaskCreated], summary="Create a task")
+CreateWait = Annotated[
+    float,
+    Query(
+        ge=0,
+        le=MAX_WAIT_S,
+        description="Create and await in one call: answer with the task's detail (`TaskOut`) "
+        "as soon as it is final, or after this many seconds with its current state. The task "
+        "is queued either way. 0 (the default) answers at once with `TaskCreated`.",
+    ),
+]
+
+
+@router.post(
+    "", response_model=Envelope[TaskCreated | TaskOut], summary="Create a task (and await it)"
+)
 async def create_task(
-    body: TaskCreate, system: SystemDep, who: Submitter, idempotency_key: IdempotencyKey = None
+    body: TaskCreate,
+    system: SystemDep,
+    notifier: NotifierDep,
+    who: Submitter,
+    idempotency_key: IdempotencyKey = None,
+    wait: CreateWait = 0,
 ) -> Response:
-    """Queue a task. A `client` key creates tasks for its own user only."""
+    """Queue a task. A `client` key creates tasks for its own user only. With `wait`, one
+    request does what create plus a long-poll of `GET /api/v2/tasks/{taskId}?wait=` do,
+    a round trip less: the answer is the task's detail, final or as it stands when `wait`
+    runs out (then await it with that long-poll). 503 (nothing created) when too many
+    requests already wait."""
     user_id = body.userId
     if who.role is Role.CLIENT:
         if user_id is not None and user_id != who.user_id:
@@ -95,20 +119,29 @@ async def create_task(
     if idempotency_key is not None:
         digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
         idem = Idempotency(who.key_id or who.role.value, idempotency_key, digest)
-    created = await system.tasks.create(
-        NewTask(
-            task_type=body.taskType,
-            payload=payload,
-            user_id=user_id,
-            app=body.app,
-            priority=body.priority,
-            env=body.env,
-            max_retries=body.maxRetries,
-            timeout=body.timeout,
-        ),
-        idem,
+    new = NewTask(
+        task_type=body.taskType,
+        payload=payload,
+        user_id=user_id,
+        app=body.app,
+        priority=body.priority,
+        env=body.env,
+        max_retries=body.maxRetries,
+        timeout=body.timeout,
     )
-    return envelope(created)
+    if wait <= 0:
+        return envelope(await system.tasks.create(new, idem))
+    deadline = asyncio.get_running_loop().time() + wait
+    task_id = new_task_id()
+    # Subscribed before the task exists, so even a task that ends at once wakes this request.
+    async with notifier.watch(task_id) as watch:
+        created = await system.tasks.create(new, idem, task_id)
+        read = partial(system.tasks.get, created["taskId"])
+        if created["taskId"] == task_id:
+            return envelope(await settle(watch, deadline, read))
+    # An idempotent repeat: the first request's task, awaited like GET ?wait= does.
+    left = max(deadline - asyncio.get_running_loop().time(), 0.0)
+    return envelope(await notifier.until_final(created["taskId"], left, read))
 
 
 @router.get("", response_model=Envelope[list[TaskOut]], summary="List tasks, newest first")

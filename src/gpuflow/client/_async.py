@@ -151,6 +151,38 @@ class AsyncClient:
             )
         )
 
+    async def run_task(
+        self,
+        task_type: int,
+        payload: Any = None,
+        *,
+        priority: int = 0,
+        user_id: str | None = None,
+        app: str | None = None,
+        env: str | None = None,
+        max_retries: int | None = None,
+        timeout_ms: int | None = None,
+        poll_interval: float = 0.5,
+    ) -> Task:
+        """Queue a task and wait until it is final; return it (as :meth:`wait` does). One
+        request when the task ends within 30 s (``POST /api/v2/tasks?wait=``, never retried),
+        then long-polls. Bound it with ``asyncio.timeout()``; a timeout leaves the task
+        queued or running."""
+        new = calls.create_task(
+            task_type,
+            payload,
+            priority=priority,
+            user_id=user_id,
+            app=app,
+            env=env,
+            max_retries=max_retries,
+            timeout_ms=timeout_ms,
+        )
+        task = await self._send(calls.run_task(new, calls.LONG_POLL_S))
+        if calls.is_final(task["status"]):
+            return task
+        return await self.wait(task["taskId"], poll_interval)
+
     async def list_tasks(
         self,
         status: str | None = None,

@@ -210,6 +210,12 @@ def create_task(
     return Call("POST", "/api/v2/tasks", data, body=body)
 
 
+def run_task(new: Call[TaskCreated], wait: float) -> Call[Task]:
+    """``new`` (a :func:`create_task` call) with ``wait``: the server creates the task and
+    answers with its detail once it is final or ``wait`` seconds have passed."""
+    return Call(new.method, new.path, data, _wait(wait), new.body, wait=wait)
+
+
 def list_tasks(
     status: str | None = None,
     task_type: int | None = None,

@@ -78,6 +78,24 @@ class Watch:
             return None
 
 
+async def settle(
+    watch: Watch, deadline: float, read: Read, view: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``read()`` once the watched task is final, or at the loop time ``deadline`` (its
+    current state then). ``view``: a state read while ``watch`` was already live (None:
+    only a note has been seen so far, e.g. when the caller created the task itself)."""
+    loop = asyncio.get_running_loop()
+    while view is None or view["status"] not in TERMINAL_STATUSES:
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        note = await watch.next(min(left, RESYNC_S))
+        if note and note not in TERMINAL_STATUSES:
+            continue  # progress, or back in the queue: nothing to answer yet
+        view = await read()
+    return view if view is not None else await read()
+
+
 @dataclass(eq=False)
 class _Chan:
     name: str
@@ -174,19 +192,9 @@ class TaskNotifier:
         Subscribed before the first read, so no transition slips between read and wait."""
         if wait <= 0:
             return await read()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
+        deadline = asyncio.get_running_loop().time() + wait
         async with self.watch(task_id) as watch:
-            view = await read()
-            while view["status"] not in TERMINAL_STATUSES:
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                note = await watch.next(min(left, RESYNC_S))
-                if note and note not in TERMINAL_STATUSES:
-                    continue  # progress, or back in the queue: nothing to answer yet
-                view = await read()
-        return view
+            return await settle(watch, deadline, read, await read())
 
     async def changes(
         self, task_id: str, wait: float, read: Read, heartbeat: float

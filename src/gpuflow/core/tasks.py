@@ -63,6 +63,11 @@ def _raise_for(reply: list[Any], task_id: str) -> None:
         raise Damaged(f"task {task_id}: its record is damaged: {reply[1]}")
 
 
+def new_task_id() -> str:
+    """A fresh task id; a caller that must watch a task before it exists takes one first."""
+    return f"task_{uuid.uuid4().hex}"
+
+
 def first_set(*values: int | None) -> int:
     """The task's own value, else its type's default, else the system default."""
     return next(v for v in values if v is not None)
@@ -115,12 +120,15 @@ class Tasks:
     def tier_of(self, priority: int) -> Tier:
         return Tier.VIP if priority >= self.settings.vip_priority else Tier.NORMAL
 
-    async def create(self, new: NewTask, idempotency: Idempotency | None = None) -> dict[str, Any]:
-        """Queue a task. With ``idempotency``, a repeat of the same key and request within
+    async def create(
+        self, new: NewTask, idempotency: Idempotency | None = None, task_id: str | None = None
+    ) -> dict[str, Any]:
+        """Queue a task (under ``task_id`` when given: see :func:`new_task_id`). With
+        ``idempotency``, a repeat of the same key and request within
         ``GPUFLOW_IDEMPOTENCY_TTL_S`` returns the first task; another request: Conflict."""
         if len(new.payload.encode()) > self.settings.max_payload_bytes:
             raise PayloadTooLarge(f"payload is larger than {self.settings.max_payload_bytes} bytes")
-        task_id = f"task_{uuid.uuid4().hex}"
+        task_id = task_id or new_task_id()
         tier = self.tier_of(new.priority)
         cfg = await self.types.get(new.task_type)
         max_retries = first_set(new.max_retries, cfg.max_retries, self.settings.default_max_retries)
