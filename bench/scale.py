@@ -20,7 +20,9 @@ Everything runs against a private Redis (a fresh embedded one, gpuflow's own con
   (each GPU every 5 s) (a) as the Redis agent does, ``heartbeat_gpu`` straight to Redis
   through ``Gpus.heartbeat``, while a ``gpuflow api`` process leads and runs its
   maintenance loop, and (b) through ``POST /api/v2/gpus/{id}/heartbeat``. The api process's
-  CPU (user + system, psutil) over the window, as % of one core.
+  CPU (user + system, psutil) over the window, as % of one core. Then (c) the same load
+  against ``bench/floor_app.py`` (uvicorn and a raw ASGI app that does nothing): the floor
+  of any HTTP route on this machine, for scale.
 
 ``scale_rows()`` returns the rows (name, value, unit, target, verdict) for bench/run.py.
 """
@@ -36,7 +38,7 @@ from typing import NamedTuple
 import psutil
 import redis
 
-from bench.scale_api import Http, api_process, cpu_seconds
+from bench.scale_api import Http, api_process, cpu_seconds, floor_process
 from bench.scale_redis import (
     APP,
     PAYLOAD,
@@ -339,6 +341,12 @@ def _list_and_beats(
         cpu, rate = api_cpu(proc, lambda: asyncio.run(beat_http(port, seconds)))
         rows.append(_row("heartbeats via HTTP: api CPU", cpu, "% core", CPU_TARGET, strict=True))
         rows.append(_row("heartbeats via HTTP: rate served", rate, "/s", None))
+    _log(f"heartbeats: {BEAT_RATE}/s to a raw ASGI app on uvicorn (the floor) for {seconds:g} s")
+    with floor_process() as (port, proc):
+        cpu, rate = api_cpu(proc, lambda: asyncio.run(beat_http(port, seconds)))
+        rows.append(
+            _row("HTTP floor at that rate: uvicorn + raw ASGI, no work", cpu, "% core", None)
+        )
     return rows
 
 

@@ -75,6 +75,36 @@ def api_process(redis_url: str, namespace: str) -> Iterator[tuple[int, psutil.Pr
             proc.wait()
 
 
+@contextmanager
+def floor_process() -> Iterator[tuple[int, psutil.Process]]:
+    """``bench/floor_app.py`` (uvicorn + a raw ASGI app) on a free port; (port, process)."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.floor_app", str(port)],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("bench.floor_app did not start") from None
+                time.sleep(0.1)
+        yield port, psutil.Process(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Http:
     """One keep-alive HTTP/1.1 connection to 127.0.0.1."""
 

@@ -304,11 +304,11 @@ def test_async_client_mirrors_the_sync_one() -> None:
     sync, asyn = public(Client), public(AsyncClient)
     assert set(sync) - {"close"} == set(asyn) - {"aclose"}
     for name, sig in sync.items():
-        if name in ("close", "wait", "follow"):
+        if name in ("close", "wait", "follow", "run_task"):
             continue
         assert sig.parameters == asyn[name].parameters, name
         assert inspect.iscoroutinefunction(getattr(AsyncClient, name)), name
     # Async callers bound waits with asyncio.timeout() instead of a timeout argument.
-    for name in ("wait", "follow"):
+    for name in ("wait", "follow", "run_task"):
         expected = [p for p in sync[name].parameters if p != "timeout"]
         assert list(asyn[name].parameters) == expected

@@ -8,7 +8,7 @@ import pytest
 
 from gpuflow.core.coalesce import Coalescer
 from gpuflow.core.errors import Conflict, Damaged, InvalidInput, NotFound, PayloadTooLarge
-from gpuflow.core.gpus import GpuSpec
+from gpuflow.core.gpus import GpuSpec, HeartbeatReply
 from gpuflow.core.models import TaskStatus
 from gpuflow.core.tasks import NewTask, Report
 
@@ -172,3 +172,53 @@ async def test_coalescer_cancels_what_a_dying_flusher_leaves() -> None:
     flusher.cancel()
     done, _ = await asyncio.wait(calls, timeout=5)
     assert len(done) == 3 and all(c.cancelled() for c in calls)
+
+
+@pytest.mark.redis
+async def test_heartbeat_many_applies_each_beat_alone(services: Services) -> None:
+    s = services
+    a, _b = await _running(s, 2)
+    await s.gpus.register(GpuSpec("g2", [2]))
+    await s.gpus.register(GpuSpec("g3", [3]))
+    await s.tasks.create(NewTask(3, "p"))
+    (lost,) = await s.dispatch.claim("g3")
+    lost_key = s.store.keys.task(str(lost["taskId"]))
+    await s.store.redis.hset(lost_key, "startedAt", 0)  # long gone from the agent's list
+    await s.store.redis.hdel(lost_key, "maxRetries")  # ... and its record damaged
+    a_id = str(a["taskId"])
+    replies = await s.gpus.heartbeat_many(
+        [
+            ("g1", {a_id: 1}),
+            ("nope", None),
+            ("g3", {}),
+            ("g2", None),
+            ("g1", {a_id: 1, "task_x": 2}),
+        ]
+    )
+    assert replies[0] == HeartbeatReply("ACTIVE", [])
+    assert isinstance(replies[1], NotFound)
+    assert isinstance(replies[2], Damaged) and "g3" in str(replies[2])
+    assert replies[3] == HeartbeatReply("ACTIVE", [])
+    assert replies[4] == HeartbeatReply("ACTIVE", ["task_x"])
+    # The unlisted task of g1 started just now: within the grace, it keeps running.
+    assert await s.store.redis.scard(s.store.keys.gpu_running("g1")) == 2
+
+
+@pytest.mark.redis
+async def test_concurrent_heartbeats_share_calls(services: Services) -> None:
+    s = services
+    for i in range(30):
+        await s.gpus.register(GpuSpec(f"hb{i}", [1]))
+    calls: list[int] = []
+    real = s.gpus.heartbeat_many
+
+    async def counting(beats):  # type: ignore[no-untyped-def]
+        calls.append(len(beats))
+        return await real(beats)
+
+    s.gpus._beats = Coalescer(counting)
+    replies = await asyncio.gather(*(s.gpus.heartbeat(f"hb{i}", {}) for i in range(30)))
+    assert replies == [HeartbeatReply("ACTIVE", [])] * 30
+    assert sum(calls) == 30 and len(calls) < 30
+    with pytest.raises(NotFound, match="GPU ghost not registered"):
+        await s.gpus.heartbeat("ghost")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpuflow.core.errors import NotFound
+from gpuflow.core.coalesce import Coalescer
+from gpuflow.core.errors import Damaged, GpuflowError, NotFound
 from gpuflow.core.models import GpuStatus, Tier, gpu_view
 from gpuflow.store import Store
 from gpuflow.store.keys import TIERS
@@ -74,6 +75,9 @@ class Gpus:
         #: Bumped by every registration made through this process: caches of what nodes
         #: serve (the dispatcher's stream lists) are stale from then on.
         self.generation = 0
+        self._beats: Coalescer[tuple[str, dict[str, int] | None], HeartbeatReply] = Coalescer(
+            self.heartbeat_many
+        )
 
     def invalidate(self) -> None:
         """Forget the cached capacity (after a status change made elsewhere)."""
@@ -99,23 +103,38 @@ class Gpus:
     ) -> HeartbeatReply:
         """Renew the GPU and its tasks' leases. With ``running`` (task id → attempt, as the
         agent sees it) the server also reaps tasks the agent lost and answers which listed
-        tasks the agent must stop (canceled, timed out, moved on)."""
+        tasks the agent must stop (canceled, timed out, moved on). Heartbeats made together
+        (many nodes beating through one api process) go to Redis as one call."""
+        return await self._beats.submit((gpu_id, None if running is None else dict(running)))
+
+    async def heartbeat_many(
+        self, beats: Sequence[tuple[str, Mapping[str, int] | None]]
+    ) -> list[HeartbeatReply | GpuflowError]:
+        """Several heartbeats in one script call; each applies as if alone, in order."""
         s = self.store.settings
-        pairs = [str(x) for kv in (running or {}).items() for x in kv]
-        reply = await self.store.scripts.call(
+        args: list[Any] = []
+        for gpu_id, running in beats:
+            pairs = [str(x) for kv in (running or {}).items() for x in kv]
+            n = -1 if running is None else len(running)
+            args += [gpu_id, _RNG.uniform(0.5, 1.0), n, *pairs]
+        replies = await self.store.scripts.call(
             "heartbeat_gpu",
-            gpu_id,
             s.lease_ms,
             int(s.heartbeat_interval_s * 2000) + 1000,
             s.retry_base_ms,
             s.retry_max_ms,
-            _RNG.uniform(0.5, 1.0),
-            -1 if running is None else len(running),
-            *pairs,
+            len(beats),
+            *args,
         )
-        if not reply:
-            raise NotFound(f"GPU {gpu_id} not registered")
-        return HeartbeatReply(str(reply[0]), [str(x) for x in reply[1:]])
+        out: list[HeartbeatReply | GpuflowError] = []
+        for (gpu_id, _), reply in zip(beats, replies, strict=True):
+            if reply[0] == "OK":
+                out.append(HeartbeatReply(str(reply[1]), [str(x) for x in reply[2:]]))
+            elif reply[0] == "NOTFOUND":
+                out.append(NotFound(f"GPU {gpu_id} not registered"))
+            else:
+                out.append(Damaged(f"GPU {gpu_id}: a record is damaged: {reply[1]}"))
+        return out
 
     async def set_status(self, gpu_id: str, status: GpuStatus, reason: str = "") -> str:
         old = await self.store.scripts.call("set_gpu_status", gpu_id, status.value, reason)
