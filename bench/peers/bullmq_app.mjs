@@ -64,7 +64,12 @@ async function main() {
     }
     emit({ rate: count / ((performance.now() - t0) / 1000), how: "Queue.addBulk, 1,000 per call" });
   } else if (mode === "e2e") {
-    const events = new QueueEvents(NAME, { connection });
+    // Read events from the stream's current end, not from "$" at the time of the first
+    // blocking read: that read may start after the first job already finished, and its
+    // completion would never be heard of (waitUntilFinished then times out).
+    const last = await connection.xrevrange(`bull:${NAME}:events`, "+", "-", "COUNT", 1);
+    const lastEventId = last.length ? last[0][0] : "0-0";
+    const events = new QueueEvents(NAME, { connection, lastEventId });
     await events.waitUntilReady();
     const samples = [];
     for (let i = -1; i < count && Date.now() - start < DEADLINE_MS; i++) {
