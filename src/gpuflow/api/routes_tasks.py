@@ -99,7 +99,7 @@ CreateWait = Annotated[
 async def create_task(
     body: TaskCreate,
     system: SystemDep,
-    notifier: NotifierDep,
+    request: Request,
     who: Submitter,
     idempotency_key: IdempotencyKey = None,
     wait: CreateWait = 0,
@@ -131,6 +131,7 @@ async def create_task(
     )
     if wait <= 0:
         return envelope(await system.tasks.create(new, idem))
+    notifier = get_notifier(request)  # not a dependency: most creates do not wait
     deadline = asyncio.get_running_loop().time() + wait
     task_id = new_task_id()
     # Subscribed before the task exists, so even a task that ends at once wakes this request.

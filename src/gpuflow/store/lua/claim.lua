@@ -10,9 +10,9 @@
 -- the values of taskId, taskType, attempt, gpuId, payload, priority, displayId, userId, app,
 -- timeout, retryCount, maxRetries ('' for a missing one) in that order
 -- (core/dispatch.py: COMPACT_FIELDS).
--- Per started task: one HMGET, one HSET, the index and timer updates, the event (and with
--- 'full' the HGETALL of the reply); stream acks, deletes and dequeue counters go once per
--- read.
+-- Per started task: one HMGET, one HSET, one SADD, the event (and with 'full' the HGETALL
+-- of the reply); stream acks, deletes and dequeue counters go once per read, the index and
+-- timer writes once per key and call (write_later in lib.lua).
 local gpu = ARGV[3]
 local lease = tonumber(ARGV[4])
 local grace, fraction = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -27,6 +27,7 @@ local now = now_ms()
 local free = 0
 if g[1] == 'ACTIVE' then free = tonumber(g[2]) - redis.call('SCARD', running) end
 local started = {}
+write_later()
 -- A GPU locked by an exclusive task takes nothing else.
 if redis.call('EXISTS', k_lock(gpu)) == 1 then free = 0 end
 local exclusive_of = {}  -- taskType -> exclusive (read once per call)
@@ -70,7 +71,7 @@ local function start(id, tkey, t)
   local ran = ran_on(t[6], gpu)
   if ran then table.insert(fields, 'ranOn'); table.insert(fields, ran) end
   redis.call(unpack(fields))
-  redis.call('ZADD', P .. 'idx:gpu:' .. gpu, t[5], id)
+  zadd(P .. 'idx:gpu:' .. gpu, t[5], id)
   arm_timer_sets(id, now, lease, tonumber(t[7] or 0), grace, fraction)
   redis.call('SADD', running, id)
   emit('started', id, 'PROCESSING', {'gpuId', gpu})
@@ -136,5 +137,6 @@ for i = first, #ARGV do
   end
 end
 for sk, count in pairs(dequeued) do redis.call('HINCRBY', sk, 'deq', count) end
+flush_later()
 table.insert(started, 1, free)
 return started

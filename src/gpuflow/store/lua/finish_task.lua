@@ -64,6 +64,7 @@ local function finish(id, attempt, gpu_arg, outcome, text, retryable, jitter)
 end
 
 local replies = {}
+write_later()  -- index and timer writes: one call per key at the end (lib.lua)
 for i = 0, n - 1 do
   local a = 7 + 7 * i
   local ok, reply = pcall(finish, ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
@@ -75,6 +76,7 @@ for i = 0, n - 1 do
     replies[i + 1] = {'ERROR', tostring(reply)}
   end
 end
+flush_later()  -- a failed report's writes up to its failure stand, as they would alone
 -- Each type's average run time: the same moving average as one report at a time.
 for ttype, runs in pairs(durations) do
   local sk = k_tstat(ttype)

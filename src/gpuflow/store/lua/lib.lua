@@ -25,6 +25,43 @@ local TERMINAL = {COMPLETED = true, FAILED = true, TIMEOUT = true, CANCELED = tr
 local K_QUEUES = P .. 'queues'
 local GROUP = 'workers'
 
+-- Sorted-set writes of the batch scripts (claim, finish_task): collected per key and sent as
+-- one variadic ZADD / ZREM per key when the script ends (flush_later), instead of one call
+-- per task: a Lua redis.call costs about as much as the command it runs. Other scripts leave
+-- LATER nil and write at once. A batch script never adds and removes the same member of
+-- one key (a task makes at most one transition per call), so the order of the flushed calls
+-- changes nothing, and nothing reads these keys before the flush.
+local LATER = nil
+
+local function write_later() LATER = {add = {}, rem = {}} end
+
+local function zadd(key, score, member)
+  if not LATER then return redis.call('ZADD', key, score, member) end
+  local t = LATER.add[key]
+  if not t then t = {}; LATER.add[key] = t end
+  t[#t + 1] = score
+  t[#t + 1] = member
+end
+
+local function zrem(key, member)
+  if not LATER then return redis.call('ZREM', key, member) end
+  local t = LATER.rem[key]
+  if not t then t = {}; LATER.rem[key] = t end
+  t[#t + 1] = member
+end
+
+local function flush_later()
+  if not LATER then return end
+  local later = LATER
+  LATER = nil
+  for key, t in pairs(later.rem) do
+    for i = 1, #t, 1000 do redis.call('ZREM', key, unpack(t, i, math.min(i + 999, #t))) end
+  end
+  for key, t in pairs(later.add) do
+    for i = 1, #t, 2000 do redis.call('ZADD', key, unpack(t, i, math.min(i + 1999, #t))) end
+  end
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -44,12 +81,12 @@ end
 -- writes the status field (with the other fields of the transition, in one HSET).
 local function move_index(id, old, new, display, ttype, now)
   if old and old ~= new then
-    redis.call('ZREM', k_status(old), id)
-    redis.call('ZREM', k_status_type(old, ttype), id)
+    zrem(k_status(old), id)
+    zrem(k_status_type(old, ttype), id)
   end
-  redis.call('ZADD', k_status(new), display, id)
-  redis.call('ZADD', k_status_type(new, ttype), display, id)
-  if TERMINAL[new] then redis.call('ZADD', K_FINISHED, now, id) end
+  zadd(k_status(new), display, id)
+  zadd(k_status_type(new, ttype), display, id)
+  if TERMINAL[new] then zadd(K_FINISHED, now, id) end
 end
 
 -- move_index plus the status field, for transitions that read nothing else.
@@ -77,9 +114,9 @@ end
 -- exclusive lock when this task holds it. Called on every way out of PROCESSING (``gpu``:
 -- the task's gpuId when the caller has read it already).
 local function clear_timers(id, gpu)
-  redis.call('ZREM', K_LEASES, id)
-  redis.call('ZREM', K_TIMEOUTS, id)
-  redis.call('ZREM', K_WARNINGS, id)
+  zrem(K_LEASES, id)
+  zrem(K_TIMEOUTS, id)
+  zrem(K_WARNINGS, id)
   if gpu == nil then gpu = redis.call('HGET', k_task(id), 'gpuId') end
   if gpu and gpu ~= '' and redis.call('GET', k_lock(gpu)) == id then
     redis.call('DEL', k_lock(gpu))
@@ -91,11 +128,11 @@ end
 -- 0 < fraction < 1), hard timeout at now + timeout + grace (when timeout > 0). The caller
 -- writes leaseDeadline = now + lease into the task.
 local function arm_timer_sets(id, now, lease, timeout, grace, fraction)
-  redis.call('ZADD', K_LEASES, now + lease, id)
+  zadd(K_LEASES, now + lease, id)
   if timeout > 0 then
-    redis.call('ZADD', K_TIMEOUTS, now + timeout + grace, id)
+    zadd(K_TIMEOUTS, now + timeout + grace, id)
     if fraction > 0 and fraction < 1 then
-      redis.call('ZADD', K_WARNINGS, now + math.floor(timeout * fraction), id)
+      zadd(K_WARNINGS, now + math.floor(timeout * fraction), id)
     end
   end
 end
@@ -160,7 +197,7 @@ local function retry_or_end(id, tkey, outcome, text, retryable, base, cap, jitte
     set_status(tkey, id, 'PROCESSING', 'QUEUED')
     redis.call('HSET', tkey, 'progress', 0, 'progressMessage', '')
     if delay > 0 then
-      redis.call('ZADD', K_DELAYED, now + delay, id)
+      zadd(K_DELAYED, now + delay, id)
       redis.call('HSET', tkey, 'streamId', '')
     else
       enqueue(id, tkey)
