@@ -222,3 +222,16 @@ async def test_concurrent_heartbeats_share_calls(services: Services) -> None:
     assert sum(calls) == 30 and len(calls) < 30
     with pytest.raises(NotFound, match="GPU ghost not registered"):
         await s.gpus.heartbeat("ghost")
+
+
+@pytest.mark.redis
+async def test_scripts_are_loaded_again_after_a_script_flush(services: Services) -> None:
+    """A Redis that lost its script cache (restart, failover, SCRIPT FLUSH) gets each
+    script again on its next call: NOSCRIPT never reaches the caller."""
+    s = services
+    await s.gpus.register(GpuSpec("g1", [1]))
+    await s.store.redis.script_flush()
+    created = await s.tasks.create(NewTask(1, "after flush"))
+    assert created["status"] == "QUEUED"
+    (started,) = await s.dispatch.claim("g1")
+    assert started["taskId"] == created["taskId"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 from gpuflow.core.coalesce import Coalescer
 from gpuflow.core.errors import Damaged, GpuflowError, NotFound
 from gpuflow.core.models import GpuStatus, Tier, gpu_view
+from gpuflow.core.ttlcache import TtlCache
 from gpuflow.store import Store
 from gpuflow.store.keys import TIERS
 
@@ -68,10 +68,10 @@ class Gpus:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.keys = store.keys
-        self._capacity_cache: tuple[float, list[dict[str, Any]]] | None = None
-        #: The sums computed from _capacity_cache, per (type, tier): a create must not add up
-        #: every GPU of a large fleet again.
-        self._capacity_sums: dict[tuple[int, Tier], int] = {}
+        #: Every GPU's view, read at most once a second, with the capacity sums computed
+        #: from that read per (type, tier): a create must not add up a large fleet again.
+        self._fleet: TtlCache[None, tuple[list[dict[str, Any]], dict[tuple[int, Tier], int]]]
+        self._fleet = TtlCache(self.CAPACITY_TTL_S, self._read_fleet)
         #: Bumped by every registration made through this process: caches of what nodes
         #: serve (the dispatcher's stream lists) are stale from then on.
         self.generation = 0
@@ -81,7 +81,7 @@ class Gpus:
 
     def invalidate(self) -> None:
         """Forget the cached capacity (after a status change made elsewhere)."""
-        self._capacity_cache = None
+        self._fleet.drop()
 
     def streams_for(self, types: list[int], priority: str) -> list[str]:
         """The queues a node reads, in the order it must read them (VIP first)."""
@@ -94,7 +94,7 @@ class Gpus:
         status = await self.store.scripts.call(
             "register_gpu", spec.gpu_id, len(flat) // 2, *flat, *streams
         )
-        self._capacity_cache = None
+        self._fleet.drop()
         self.generation += 1
         return str(status)
 
@@ -140,14 +140,14 @@ class Gpus:
         old = await self.store.scripts.call("set_gpu_status", gpu_id, status.value, reason)
         if not old:
             raise NotFound(f"GPU {gpu_id} not registered")
-        self._capacity_cache = None
+        self._fleet.drop()
         return str(old)
 
     async def delete(self, gpu_id: str) -> int:
         requeued = await self.store.scripts.call("delete_gpu", gpu_id)
         if requeued is None or requeued is False:
             raise NotFound(f"GPU {gpu_id} not registered")
-        self._capacity_cache = None
+        self._fleet.drop()
         return int(requeued)
 
     async def lock(self, gpu_id: str) -> dict[str, Any]:
@@ -199,16 +199,17 @@ class Gpus:
 
     async def capacity(self, task_type: int, tier: Tier) -> int:
         """Sum of maxConcurrentTasks of ACTIVE nodes serving (type, tier); cached briefly."""
-        now = time.monotonic()
-        cache = self._capacity_cache
-        if cache is None or now - cache[0] > self.CAPACITY_TTL_S:
-            cache = self._capacity_cache = (now, await self.all())
-            self._capacity_sums = {}
-        total = self._capacity_sums.get((task_type, tier))
+        views, sums = await self._fleet.get(None)
+        total = sums.get((task_type, tier))
         if total is None:
-            total = self._capacity_sums[task_type, tier] = sum(
+            total = sums[task_type, tier] = sum(
                 int(v["maxConcurrentTasks"] or 0)
-                for v in cache[1]
+                for v in views
                 if v["status"] == GpuStatus.ACTIVE and serves(v, task_type, tier)
             )
         return total
+
+    async def _read_fleet(
+        self, _: None
+    ) -> tuple[list[dict[str, Any]], dict[tuple[int, Tier], int]]:
+        return await self.all(), {}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from gpuflow.core.errors import NotFound
+from gpuflow.core.ttlcache import TtlCache
 from gpuflow.store import Store
 
 
@@ -45,7 +45,7 @@ class TaskTypes:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._cache: dict[int, tuple[float, TaskTypeConfig]] = {}
+        self._cache: TtlCache[int, TaskTypeConfig] = TtlCache(self.CACHE_TTL_S, self._read)
 
     async def put(self, cfg: TaskTypeConfig) -> None:
         k = self.store.keys
@@ -59,18 +59,16 @@ class TaskTypes:
             p.hset(k.tasktype(cfg.task_type), mapping=fields)
             p.zadd(k.tasktypes, {str(cfg.task_type): cfg.task_type})
             await p.execute()
-        self._cache.pop(cfg.task_type, None)
+        self._cache.drop()
 
     async def get(self, task_type: int) -> TaskTypeConfig:
         """The stored config, or an all-defaults one for a type nobody configured."""
-        now = time.monotonic()
-        hit = self._cache.get(task_type)
-        if hit and now - hit[0] < self.CACHE_TTL_S:
-            return hit[1]
-        h = await self.store.redis.hgetall(self.store.keys.tasktype(task_type))
-        cfg = _parse(task_type, h)
-        self._cache[task_type] = (now, cfg)
-        return cfg
+        return await self._cache.get(task_type)
+
+    async def _read(self, task_type: int) -> TaskTypeConfig:
+        return _parse(
+            task_type, await self.store.redis.hgetall(self.store.keys.tasktype(task_type))
+        )
 
     async def require(self, task_type: int) -> TaskTypeConfig:
         if not await self.store.redis.exists(self.store.keys.tasktype(task_type)):
