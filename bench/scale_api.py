@@ -38,18 +38,14 @@ def _gpuflow_command() -> list[str]:
 
 
 @contextmanager
-def api_process(redis_url: str, namespace: str) -> Iterator[tuple[int, psutil.Process]]:
-    """``gpuflow api`` on a free port (it also campaigns for the leader lease and, leading,
-    runs the maintenance loop); yields (port, its psutil process)."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "GPUFLOW_REDIS_URL": redis_url,
-        "GPUFLOW_NAMESPACE": namespace,
-        "GPUFLOW_ADMIN_KEY": ADMIN_KEY,
-    }
+def _served(
+    what: str, argv: list[str], port: int, env: dict[str, str] | None = None
+) -> Iterator[tuple[int, psutil.Process]]:
+    """Run ``argv`` until ``http://127.0.0.1:{port}/health`` answers 200 (any answer will do
+    for a server without that route); yields (port, its psutil process), then stops it."""
     proc = subprocess.Popen(
-        [*_gpuflow_command(), "api", "--port", str(port)],
+        argv,
+        cwd=Path(__file__).resolve().parent.parent,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -58,13 +54,12 @@ def api_process(redis_url: str, namespace: str) -> Iterator[tuple[int, psutil.Pr
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).raise_for_status()
+                break
             except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("gpuflow api did not start")
-            time.sleep(0.1)
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{what} did not start") from None
+                time.sleep(0.1)
         yield port, psutil.Process(proc.pid)
     finally:
         proc.terminate()
@@ -76,33 +71,28 @@ def api_process(redis_url: str, namespace: str) -> Iterator[tuple[int, psutil.Pr
 
 
 @contextmanager
+def api_process(redis_url: str, namespace: str) -> Iterator[tuple[int, psutil.Process]]:
+    """``gpuflow api`` on a free port (it also campaigns for the leader lease and, leading,
+    runs the maintenance loop); yields (port, its psutil process)."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "GPUFLOW_REDIS_URL": redis_url,
+        "GPUFLOW_NAMESPACE": namespace,
+        "GPUFLOW_ADMIN_KEY": ADMIN_KEY,
+    }
+    argv = [*_gpuflow_command(), "api", "--port", str(port)]
+    with _served("gpuflow api", argv, port, env) as served:
+        yield served
+
+
+@contextmanager
 def floor_process() -> Iterator[tuple[int, psutil.Process]]:
     """``bench/floor_app.py`` (uvicorn + a raw ASGI app) on a free port; (port, process)."""
     port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.floor_app", str(port)],
-        cwd=Path(__file__).resolve().parent.parent,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("bench.floor_app did not start") from None
-                time.sleep(0.1)
-        yield port, psutil.Process(proc.pid)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    argv = [sys.executable, "-m", "bench.floor_app", str(port)]
+    with _served("bench.floor_app", argv, port) as served:
+        yield served
 
 
 class Http:
