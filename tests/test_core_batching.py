@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from redis.exceptions import ResponseError
 
 from gpuflow.core.coalesce import Coalescer
 from gpuflow.core.errors import Conflict, Damaged, InvalidInput, NotFound, PayloadTooLarge
@@ -235,3 +236,23 @@ async def test_scripts_are_loaded_again_after_a_script_flush(services: Services)
     assert created["status"] == "QUEUED"
     (started,) = await s.dispatch.claim("g1")
     assert started["taskId"] == created["taskId"]
+
+
+@pytest.mark.redis
+async def test_a_claim_stopped_by_a_damaged_record_keeps_what_it_started_reapable(
+    services: Services,
+) -> None:
+    """The claim's index and timer writes go out at the end of the script; a damaged record
+    that stops it midway must not leave an earlier started task without its lease entry."""
+    s = services
+    await s.gpus.register(GpuSpec("g1", [1], max_concurrent_tasks=2))
+    a = await s.tasks.create(NewTask(1, "a"))
+    b = await s.tasks.create(NewTask(1, "b"))
+    await s.store.redis.hset(s.store.keys.task(b["taskId"]), "attempt", "not a number")
+    with pytest.raises(ResponseError):
+        await s.dispatch.claim("g1")
+    k = s.store.keys
+    assert await s.store.redis.hget(k.task(a["taskId"]), "status") == "PROCESSING"
+    assert await s.store.redis.zscore(k.leases, a["taskId"]) is not None
+    assert await s.store.redis.zscore(k.idx_status("PROCESSING"), a["taskId"]) is not None
+    assert await s.store.redis.zscore(k.idx_status("QUEUED"), a["taskId"]) is None

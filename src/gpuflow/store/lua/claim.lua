@@ -113,30 +113,40 @@ local function take_all(q, entries)
   end
 end
 
-for i = 0, npre - 1 do
-  local q, eid, id = ARGV[10 + 3 * i], ARGV[11 + 3 * i], ARGV[12 + 3 * i]
-  drop_entries(q, {eid})
-  take(eid, id)
-end
+-- Everything after write_later runs under pcall so that the collected index and timer
+-- writes of the tasks already started are flushed even when a damaged record stops
+-- the call: a started task always has its lease entry (expire_leases reaps it).
+local function run()
+  for i = 0, npre - 1 do
+    local q, eid, id = ARGV[10 + 3 * i], ARGV[11 + 3 * i], ARGV[12 + 3 * i]
+    drop_entries(q, {eid})
+    take(eid, id)
+  end
 
-local first = 10 + 3 * npre
-if recover then
+  local first = 10 + 3 * npre
+  if recover then
+    for i = first, #ARGV do
+      local r = redis.call('XREADGROUP', 'GROUP', GROUP, gpu, 'COUNT', 100, 'STREAMS', ARGV[i], '0')
+      if r then take_all(ARGV[i], r[1][2]) end
+    end
+  end
   for i = first, #ARGV do
-    local r = redis.call('XREADGROUP', 'GROUP', GROUP, gpu, 'COUNT', 100, 'STREAMS', ARGV[i], '0')
-    if r then take_all(ARGV[i], r[1][2]) end
+    local q = ARGV[i]
+    local rounds = 0
+    while free > 0 and rounds < 50 do
+      rounds = rounds + 1
+      local r = redis.call('XREADGROUP', 'GROUP', GROUP, gpu, 'COUNT', free, 'STREAMS', q, '>')
+      if not r or #r[1][2] == 0 then break end
+      take_all(q, r[1][2])
+    end
   end
+  for sk, count in pairs(dequeued) do redis.call('HINCRBY', sk, 'deq', count) end
 end
-for i = first, #ARGV do
-  local q = ARGV[i]
-  local rounds = 0
-  while free > 0 and rounds < 50 do
-    rounds = rounds + 1
-    local r = redis.call('XREADGROUP', 'GROUP', GROUP, gpu, 'COUNT', free, 'STREAMS', q, '>')
-    if not r or #r[1][2] == 0 then break end
-    take_all(q, r[1][2])
-  end
-end
-for sk, count in pairs(dequeued) do redis.call('HINCRBY', sk, 'deq', count) end
+local ok, err = pcall(run)
 flush_later()
+if not ok then
+  if type(err) == 'table' then err = err.err end
+  return redis.error_reply(tostring(err))
+end
 table.insert(started, 1, free)
 return started

@@ -30,7 +30,9 @@ local GROUP = 'workers'
 -- per task: a Lua redis.call costs about as much as the command it runs. Other scripts leave
 -- LATER nil and write at once. A batch script never adds and removes the same member of
 -- one key (a task makes at most one transition per call), so the order of the flushed calls
--- changes nothing, and nothing reads these keys before the flush.
+-- changes nothing, and nothing reads these keys before the flush. A batch script flushes
+-- even when a damaged record stops it (pcall), so that what it already did has its index
+-- and timer entries, as it would have with the writes made at once.
 local LATER = nil
 
 local function write_later() LATER = {add = {}, rem = {}} end
