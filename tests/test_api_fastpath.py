@@ -70,6 +70,8 @@ def _cases(keys: dict[str, str]) -> list[tuple[str, bool, dict[str, Any]]]:
         ("unknown gpu", True, {"headers": worker, "path": "/api/v2/gpus/nope/heartbeat"}),
         ("no key", False, {}),
         ("unknown key", False, {"headers": {"X-API-Key": "gf_worker_nope"}}),
+        ("first of two keys", False, {"headers": [("X-API-Key", "gf_worker_nope"),
+            ("X-API-Key", keys["worker"])]}),
         ("client key", False, {"headers": {"X-API-Key": keys["client"]}}),
         ("viewer key", False, {"headers": {"X-API-Key": keys["viewer"]}}),
         ("wrong type", False, {"headers": worker, "json": {"running": [
@@ -108,11 +110,12 @@ async def test_fast_path_answers_as_the_route(
             assert got == want, name
             assert hits == (1 if taken else 0), name
         # Spot checks that the answers compared above are the right ones.
-        status, body = await _send(fast, _cases(keys)[3][2])
+        case = {name: args for name, _, args in _cases(keys)}
+        status, body = await _send(fast, case["unknown task"])
         assert (status, body["data"]) == (200, {"status": "ACTIVE", "stop": ["task_gone"]})
         status, body = await _send(fast, {"headers": {"X-API-Key": keys["client"]}})
         assert status == 403 and body["code"] == 403
-        status, body = await _send(fast, _cases(keys)[11][2])
+        status, body = await _send(fast, case["wrong type"])
         assert status == 400 and "taskId" in body["message"]
     assert getattr(route_server.app.state, "fast_heartbeats", 0) == 0
 

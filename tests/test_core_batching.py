@@ -256,3 +256,37 @@ async def test_a_claim_stopped_by_a_damaged_record_keeps_what_it_started_reapabl
     assert await s.store.redis.zscore(k.leases, a["taskId"]) is not None
     assert await s.store.redis.zscore(k.idx_status("PROCESSING"), a["taskId"]) is not None
     assert await s.store.redis.zscore(k.idx_status("QUEUED"), a["taskId"]) is None
+
+
+@pytest.mark.redis
+async def test_a_missing_sort_key_fails_its_own_task_not_the_whole_batch(
+    services: Services,
+) -> None:
+    """A record without displayId (an index score) fails where its ZADD would have failed
+    alone, not at the end of the batch for every task in it."""
+    s = services
+    k = s.store.keys
+    await s.gpus.register(GpuSpec("g1", [1], max_concurrent_tasks=2))
+    a = await s.tasks.create(NewTask(1, "a"))
+    b = await s.tasks.create(NewTask(1, "b"))
+    await s.store.redis.hdel(k.task(b["taskId"]), "displayId")
+    with pytest.raises(ResponseError, match="bad score"):
+        await s.dispatch.claim("g1")
+    assert await s.store.redis.zscore(k.leases, a["taskId"]) is not None
+    assert await s.store.redis.hget(k.task(b["taskId"]), "status") == "QUEUED"
+
+
+@pytest.mark.redis
+async def test_a_finish_without_sort_key_is_damaged_alone(services: Services) -> None:
+    s = services
+    k = s.store.keys
+    a, b, c = await _running(s, 3)
+    await s.store.redis.hdel(k.task(str(b["taskId"])), "displayId")
+    ends = await s.tasks.finish_many(
+        [Report(str(t["taskId"]), TaskStatus.COMPLETED, "r", "g1", 1) for t in (a, b, c)]
+    )
+    assert ends[0] == ends[2] == TaskStatus.COMPLETED
+    assert isinstance(ends[1], Damaged)
+    for t in (a, c):
+        assert await s.store.redis.zscore(k.idx_status("COMPLETED"), str(t["taskId"])) is not None
+        assert await s.store.redis.zscore(k.leases, str(t["taskId"])) is None

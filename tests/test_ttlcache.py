@@ -102,3 +102,19 @@ async def test_concurrent_creates_read_the_type_config_once(
         assert reads == 1  # the type's config, once; the fleet is read with a pipeline
     finally:
         await system.close()
+
+
+async def test_a_caller_after_drop_does_not_join_the_earlier_read() -> None:
+    """A write in this process (drop) is seen by the next get, even while a read that began
+    before the write is still in flight."""
+    src = Source()
+    cache: TtlCache[str, str] = TtlCache(60, src.load)
+    before = asyncio.ensure_future(cache.get("a"))
+    await asyncio.sleep(0)
+    cache.drop()
+    after = asyncio.ensure_future(cache.get("a"))
+    await asyncio.sleep(0)
+    src.value = "v2"  # both reads answer after this; the point is that there are two
+    src.gate.set()
+    await asyncio.gather(before, after)
+    assert src.calls == 2 and after.result() == "a:v2"

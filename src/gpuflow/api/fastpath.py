@@ -57,7 +57,11 @@ class HeartbeatFastPath:
             return
         state = scope["app"].state
         system: System = state.system
-        principal = await system.keys.lookup(key)
+        try:
+            principal = await system.keys.lookup(key)
+        except REDIS_DOWN as exc:
+            await redis_down(exc)(scope, receive, send)  # the route's 503
+            return
         if principal is None or principal.role not in ROLES:
             await self.app(scope, receive, send)  # the route answers 401 / 403
             return
@@ -94,7 +98,7 @@ def _read_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str | None, int | Non
     json_body = False
     for name, value in raw:
         if name in _AUTH_HEADERS:
-            auth[_AUTH_HEADERS[name]] = value.decode("latin-1")
+            auth.setdefault(_AUTH_HEADERS[name], value.decode("latin-1"))  # the first, as Starlette
         elif name == b"content-length":
             length = int(value) if value.isdigit() else None
         elif name == b"content-type":

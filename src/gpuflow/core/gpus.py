@@ -76,7 +76,8 @@ class Gpus:
         #: serve (the dispatcher's stream lists) are stale from then on.
         self.generation = 0
         self._beats: Coalescer[tuple[str, dict[str, int] | None], HeartbeatReply] = Coalescer(
-            self.heartbeat_many
+            self.heartbeat_many,
+            max_batch=32,  # a beat may list 4,096 tasks: bound the args
         )
 
     def invalidate(self) -> None:

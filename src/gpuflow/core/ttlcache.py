@@ -30,7 +30,8 @@ class TtlCache(Generic[K, V]):
         self.ttl = ttl
         self._load = load
         self._values: dict[K, tuple[float, V]] = {}
-        self._flights: dict[tuple[K, asyncio.AbstractEventLoop], asyncio.Task[V]] = {}
+        # Keyed by generation too: a caller after drop() must not join a read begun before it.
+        self._flights: dict[tuple[K, asyncio.AbstractEventLoop, int], asyncio.Task[V]] = {}
         self._generation = 0
 
     async def get(self, key: K) -> V:
@@ -38,10 +39,11 @@ class TtlCache(Generic[K, V]):
         if hit is not None and time.monotonic() - hit[0] < self.ttl:
             return hit[1]
         loop = asyncio.get_running_loop()
-        flight = self._flights.get((key, loop))
+        at = (key, loop, self._generation)
+        flight = self._flights.get(at)
         if flight is None:
-            flight = loop.create_task(self._fill(key, loop, self._generation, time.monotonic()))
-            self._flights[key, loop] = flight
+            flight = loop.create_task(self._fill(at, time.monotonic()))
+            self._flights[at] = flight
         # Shielded: one caller giving up (a cancelled request) must not cancel the others' read.
         return await asyncio.shield(flight)
 
@@ -50,13 +52,12 @@ class TtlCache(Generic[K, V]):
         self._values.clear()
         self._generation += 1
 
-    async def _fill(
-        self, key: K, loop: asyncio.AbstractEventLoop, generation: int, started: float
-    ) -> V:
+    async def _fill(self, at: tuple[K, asyncio.AbstractEventLoop, int], started: float) -> V:
+        key, _, generation = at
         try:
             value = await self._load(key)
             if generation == self._generation:
                 self._values[key] = (started, value)
             return value
         finally:
-            self._flights.pop((key, loop), None)
+            self._flights.pop(at, None)

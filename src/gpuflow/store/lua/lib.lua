@@ -39,6 +39,11 @@ local function write_later() LATER = {add = {}, rem = {}} end
 
 local function zadd(key, score, member)
   if not LATER then return redis.call('ZADD', key, score, member) end
+  -- Refuse a bad score here, where ZADD itself would have failed: at the flush it would
+  -- fail every task of the call (a missing field reads as false).
+  if not tonumber(score) then
+    error('bad score ' .. tostring(score) .. ' for ' .. tostring(member) .. ' in ' .. key)
+  end
   local t = LATER.add[key]
   if not t then t = {}; LATER.add[key] = t end
   t[#t + 1] = score
