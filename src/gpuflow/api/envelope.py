@@ -71,20 +71,28 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
 
 
-def redis_down(exc: Exception) -> Response:
-    log.warning("Redis unavailable: %s", exc)
-    return error(503, "Redis is unavailable; retry shortly", {"Retry-After": "1"})
-
-
 #: The Redis errors that mean "unavailable, retry" rather than a bug.
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, BusyLoadingError)
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, BusyLoadingError)
+
+
+def error_for(exc: Exception) -> Response:
+    """The answer to an exception a request let through: a domain error's own status, 503
+    (Retry-After: 1) while Redis is unavailable, else 500. The app's handlers and the
+    heartbeat fast path (api/fastpath.py) both answer with it."""
+    if isinstance(exc, GpuflowError):
+        return error(exc.status_code, str(exc))
+    if isinstance(exc, _REDIS_DOWN):
+        log.warning("Redis unavailable: %s", exc)
+        return error(503, "Redis is unavailable; retry shortly", {"Retry-After": "1"})
+    log.error("unhandled error", exc_info=exc)
+    return error(500, f"internal error: {type(exc).__name__}")
+
+
+async def _answer(_: Request, exc: Exception) -> Response:
+    return error_for(exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(GpuflowError)
-    async def _domain(_: Request, exc: GpuflowError) -> Response:
-        return error(exc.status_code, str(exc))
-
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:
         return error(400, "; ".join(_describe(e) for e in exc.errors()[:5]))
@@ -93,13 +101,5 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
         return error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
-    @app.exception_handler(RedisConnectionError)
-    @app.exception_handler(RedisTimeoutError)
-    @app.exception_handler(BusyLoadingError)
-    async def _redis_down(_: Request, exc: Exception) -> Response:
-        return redis_down(exc)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
-        log.exception("unhandled error")
-        return error(500, f"internal error: {type(exc).__name__}")
+    for kind in (GpuflowError, *_REDIS_DOWN, Exception):
+        app.add_exception_handler(kind, _answer)

@@ -13,7 +13,6 @@ document describes.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 
 from pydantic import ValidationError
@@ -21,13 +20,10 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpuflow.api.deps import credential
-from gpuflow.api.envelope import REDIS_DOWN, envelope, error, redis_down
+from gpuflow.api.envelope import envelope, error_for
 from gpuflow.api.schemas import HeartbeatIn
 from gpuflow.core.apikeys import Role
-from gpuflow.core.errors import GpuflowError
 from gpuflow.core.system import System
-
-log = logging.getLogger("gpuflow.api")
 
 PREFIX = "/api/v2/gpus/"
 SUFFIX = "/heartbeat"
@@ -59,8 +55,8 @@ class HeartbeatFastPath:
         system: System = state.system
         try:
             principal = await system.keys.lookup(key)
-        except REDIS_DOWN as exc:
-            await redis_down(exc)(scope, receive, send)  # the route's 503
+        except Exception as exc:
+            await error_for(exc)(scope, receive, send)  # the route's answer (503 if Redis is down)
             return
         if principal is None or principal.role not in ROLES:
             await self.app(scope, receive, send)  # the route answers 401 / 403
@@ -141,10 +137,5 @@ async def _beat(system: System, gpu_id: str, running: dict[str, int] | None) -> 
             return envelope("heartbeat updated")
         reply = await system.gpus.heartbeat(gpu_id, running)
         return envelope({"status": reply.status, "stop": reply.stop})
-    except GpuflowError as exc:
-        return error(exc.status_code, str(exc))
-    except REDIS_DOWN as exc:
-        return redis_down(exc)
     except Exception as exc:
-        log.exception("unhandled error")
-        return error(500, f"internal error: {type(exc).__name__}")
+        return error_for(exc)
