@@ -145,8 +145,7 @@ end
 local ok, err = pcall(run)
 flush_later()
 if not ok then
-  if type(err) == 'table' then err = err.err end
-  return redis.error_reply(tostring(err))
+  return redis.error_reply(error_text(err))
 end
 table.insert(started, 1, free)
 return started

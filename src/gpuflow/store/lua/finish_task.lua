@@ -71,9 +71,8 @@ for i = 0, n - 1 do
                           ARGV[a + 5] == '1', tonumber(ARGV[a + 6]))
   if ok then
     replies[i + 1] = reply
-  else  -- a Lua error (a string) or a failed redis.call (a table with err)
-    if type(reply) == 'table' then reply = reply.err end
-    replies[i + 1] = {'ERROR', tostring(reply)}
+  else
+    replies[i + 1] = {'ERROR', error_text(reply)}
   end
 end
 flush_later()  -- a failed report's writes up to its failure stand, as they would alone

@@ -85,9 +85,8 @@ for i = 1, k do
   local ok, reply = pcall(beat, gpu, jitter, n, at + 3)
   if ok then
     replies[i] = reply
-  else  -- a Lua error (a string) or a failed redis.call (a table with err)
-    if type(reply) == 'table' then reply = reply.err end
-    replies[i] = {'ERROR', tostring(reply)}
+  else
+    replies[i] = {'ERROR', error_text(reply)}
   end
   at = at + 3 + 2 * math.max(n, 0)
 end

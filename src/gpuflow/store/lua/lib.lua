@@ -69,6 +69,13 @@ local function flush_later()
   end
 end
 
+-- The message of what pcall caught: a Lua error (a string) or a failed redis.call (a table
+-- with err).
+local function error_text(err)
+  if type(err) == 'table' then err = err.err end
+  return tostring(err)
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
