@@ -118,3 +118,14 @@ async def test_a_caller_after_drop_does_not_join_the_earlier_read() -> None:
     src.gate.set()
     await asyncio.gather(before, after)
     assert src.calls == 2 and after.result() == "a:v2"
+
+
+async def test_the_cache_stays_bounded_as_keys_come_and_go() -> None:
+    src = Source()
+    src.gate.set()
+    cache: TtlCache[str, str] = TtlCache(60, src.load, max_keys=2)
+    for key in ("a", "b", "c"):
+        await cache.get(key)
+    assert src.calls == 3
+    assert await cache.get("c") == "c:v1" and src.calls == 3  # the newest stays cached
+    assert await cache.get("a") == "a:v1" and src.calls == 4  # the older ones went

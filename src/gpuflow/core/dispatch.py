@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -19,6 +18,7 @@ from gpuflow.core.errors import NotFound
 from gpuflow.core.gpus import Gpus
 from gpuflow.core.models import task_view
 from gpuflow.core.tasks import started_tasks
+from gpuflow.core.ttlcache import TtlCache
 from gpuflow.store import Store
 from gpuflow.store.keys import GROUP
 
@@ -58,25 +58,23 @@ class Dispatcher:
         self.store = store
         self.gpus = gpus
         self.blocking = blocking
-        self._streams: dict[str, tuple[float, int, list[str]]] = {}
+        self._streams: TtlCache[str, list[str]] = TtlCache(STREAMS_TTL_S, self._read_streams)
+        self._generation = gpus.generation
 
     async def _node_streams(self, gpu_id: str) -> list[str]:
         """The streams the node reads, highest priority first (cached ``STREAMS_TTL_S``)."""
-        now = time.monotonic()
-        cached = self._streams.get(gpu_id)
-        if cached and now - cached[0] < STREAMS_TTL_S and cached[1] == self.gpus.generation:
-            return cached[2]
-        if len(self._streams) > 100_000:  # nodes come and go: keep the cache bounded
-            self._streams.clear()
+        if self._generation != self.gpus.generation:  # a registration through this process
+            self._generation = self.gpus.generation
+            self._streams.drop()
+        return await self._streams.get(gpu_id)
+
+    async def _read_streams(self, gpu_id: str) -> list[str]:
         h = await self.store.redis.hmget(
             self.store.keys.gpu(gpu_id), "supportedTaskTypes", "supportedTaskPriority"
         )
         if h[0] is None:
-            self._streams.pop(gpu_id, None)
             raise NotFound(f"GPU {gpu_id} not registered")
-        streams = self.gpus.streams_for(json.loads(h[0] or "[]"), h[1] or "NORMAL")
-        self._streams[gpu_id] = (now, self.gpus.generation, streams)
-        return streams
+        return self.gpus.streams_for(json.loads(h[0] or "[]"), h[1] or "NORMAL")
 
     async def _claim(
         self,
@@ -103,7 +101,7 @@ class Dispatcher:
             )
         except ResponseError as exc:
             if "NOGPU" in str(exc):  # deleted (or never registered)
-                self._streams.pop(gpu_id, None)
+                self._streams.drop()
                 raise NotFound(f"GPU {gpu_id} not registered") from exc
             raise
         if compact:

@@ -26,9 +26,12 @@ V = TypeVar("V")
 class TtlCache(Generic[K, V]):
     """``await get(key)``: ``load(key)``'s answer, at most ``ttl`` seconds old."""
 
-    def __init__(self, ttl: float, load: Callable[[K], Awaitable[V]]) -> None:
+    def __init__(
+        self, ttl: float, load: Callable[[K], Awaitable[V]], max_keys: int = 100_000
+    ) -> None:
         self.ttl = ttl
         self._load = load
+        self._max_keys = max_keys  # keys come and go (GPU ids): past this, start afresh
         self._values: dict[K, tuple[float, V]] = {}
         # Keyed by generation too: a caller after drop() must not join a read begun before it.
         self._flights: dict[tuple[K, asyncio.AbstractEventLoop, int], asyncio.Task[V]] = {}
@@ -57,6 +60,8 @@ class TtlCache(Generic[K, V]):
         try:
             value = await self._load(key)
             if generation == self._generation:
+                if len(self._values) >= self._max_keys:
+                    self._values.clear()
                 self._values[key] = (started, value)
             return value
         finally:
