@@ -25,6 +25,16 @@ async def _running(s: Services, n: int, **kw: object) -> list[dict[str, object]]
     return started
 
 
+def _counting(batch_call, sizes):  # type: ignore[no-untyped-def]
+    """``batch_call``, recording each batch's size in ``sizes``."""
+
+    async def counting(items):  # type: ignore[no-untyped-def]
+        sizes.append(len(items))
+        return await batch_call(items)
+
+    return counting
+
+
 @pytest.mark.redis
 async def test_finish_many_applies_each_report_alone(services: Services) -> None:
     s = services
@@ -61,13 +71,7 @@ async def test_concurrent_finishes_share_calls_and_all_land(services: Services) 
     s = services
     started = await _running(s, 40)
     calls: list[int] = []
-    real = s.tasks.finish_many
-
-    async def counting(reports):  # type: ignore[no-untyped-def]
-        calls.append(len(reports))
-        return await real(reports)
-
-    s.tasks._finisher = Coalescer(counting)
+    s.tasks._finisher = Coalescer(_counting(s.tasks.finish_many, calls))
     ends = await asyncio.gather(
         *(
             s.tasks.finish(str(t["taskId"]), TaskStatus.COMPLETED, f"r{i}", attempt=1)
@@ -211,13 +215,7 @@ async def test_concurrent_heartbeats_share_calls(services: Services) -> None:
     for i in range(30):
         await s.gpus.register(GpuSpec(f"hb{i}", [1]))
     calls: list[int] = []
-    real = s.gpus.heartbeat_many
-
-    async def counting(beats):  # type: ignore[no-untyped-def]
-        calls.append(len(beats))
-        return await real(beats)
-
-    s.gpus._beats = Coalescer(counting)
+    s.gpus._beats = Coalescer(_counting(s.gpus.heartbeat_many, calls))
     replies = await asyncio.gather(*(s.gpus.heartbeat(f"hb{i}", {}) for i in range(30)))
     assert replies == [HeartbeatReply("ACTIVE", [])] * 30
     assert sum(calls) == 30 and len(calls) < 30
