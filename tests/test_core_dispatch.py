@@ -135,3 +135,49 @@ async def test_capacity_is_summed_per_type_and_tier(services: Services) -> None:
     assert await s.gpus.capacity(2, Tier.NORMAL) == 0  # a VIP node takes only VIP
     await s.gpus.set_status("n1", GpuStatus.FAULTY, "hot")
     assert await s.gpus.capacity(1, Tier.NORMAL) == 0  # a status change is seen at once
+
+
+async def test_a_claim_after_one_that_emptied_the_streams_reads_first(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right after a claim that left free capacity, the next claim goes straight to the
+    blocking read: one claim script per idle cycle; a task queued in between is still taken."""
+    s = services
+    await s.gpus.register(GpuSpec("g1", [1], max_concurrent_tasks=4))
+    first = await s.tasks.create(NewTask(1, "a"))
+    assert [t["taskId"] for t in await s.dispatch.claim("g1", wait_s=5)] == [first["taskId"]]
+
+    calls: list[str] = []
+    call = s.store.scripts.call
+
+    async def counting(name: str, *args: object) -> object:
+        calls.append(name)
+        return await call(name, *args)
+
+    monkeypatch.setattr(s.store.scripts, "call", counting)
+    queued = await s.tasks.create(NewTask(1, "queued between claims"))
+    calls.clear()
+    assert [t["taskId"] for t in await s.dispatch.claim("g1", wait_s=5)] == [queued["taskId"]]
+    assert calls == ["claim"]
+
+    calls.clear()
+    waiter = asyncio.create_task(s.dispatch.claim("g1", wait_s=10))
+    await asyncio.sleep(0.2)
+    woke = await s.tasks.create(NewTask(1, "wakes the blocked read"))
+    assert [t["taskId"] for t in await asyncio.wait_for(waiter, 5)] == [woke["taskId"]]
+    assert calls == ["create_task", "claim"]
+
+
+async def test_a_full_node_claims_through_the_script_again(services: Services) -> None:
+    """A claim that filled the node drops the shortcut: the next one sees the node busy
+    through the script and takes no entry it could not run."""
+    s = services
+    await s.gpus.register(GpuSpec("g1", [1], max_concurrent_tasks=1))
+    a = await s.tasks.create(NewTask(1, "a"))
+    b = await s.tasks.create(NewTask(1, "b"))
+    key = s.store.keys.task(b["taskId"])
+    entry = await s.store.redis.hget(key, "streamId")
+    assert [t["taskId"] for t in await s.dispatch.claim("g1", wait_s=1)] == [a["taskId"]]
+    assert await s.dispatch.claim("g1", wait_s=0.3) == []
+    assert (await s.tasks.get(b["taskId"]))["status"] == "QUEUED"
+    assert await s.store.redis.hget(key, "streamId") == entry  # never read and put back

@@ -65,6 +65,11 @@ class Api:
             await asyncio.sleep(0.005)
         raise AssertionError(f"nobody subscribed to {channel}")
 
+    async def numsub(self, task_id: str) -> int:
+        channel = f"{self.store.settings.namespace}ev:{task_id}"
+        ((_, n),) = await self.store.redis.pubsub_numsub(channel)
+        return int(n)
+
 
 @pytest.fixture
 async def api(api_server: ApiServer, store: Store) -> AsyncIterator[Api]:
@@ -259,7 +264,8 @@ async def test_create_and_wait_answers_when_the_task_ends(api: Api) -> None:
     )
     claimed = await api.data("POST", f"/api/v2/gpus/{api.gpu}/claim", params={"wait": 10})
     task_id, attempt = claimed[0]["taskId"], claimed[0]["attempt"]
-    await api.subscribed(task_id)
+    # Watched since before it existed, through the api's own pattern: no SUBSCRIBE of its own.
+    assert await api.numsub(task_id) == 0
     assert not post.done()
     await api.complete(task_id, attempt, {"frames": 3})
     r = await asyncio.wait_for(post, 10)

@@ -224,14 +224,11 @@ def test_event_reader() -> None:
             reader.feed(line)
 
 
-def test_run_task_creates_and_awaits_in_one_request(
-    api_server: ApiServer, admin: Client, subscribed: Callable[[str], None]
-) -> None:
+def test_run_task_creates_and_awaits_in_one_request(api_server: ApiServer, admin: Client) -> None:
     node = Node(admin)
 
     def run_once_queued() -> None:
-        task_id, attempt = node.claim(wait=10)
-        subscribed(task_id)
+        task_id, attempt = node.claim(wait=10)  # watched since before it was created
         node.complete(task_id, attempt, {"ok": True})
 
     recorder = Recorder()
@@ -254,16 +251,13 @@ def test_run_task_timeout_leaves_the_task_queued(api_server: ApiServer, admin: C
     assert queued["taskType"] == 1
 
 
-async def test_async_run_task_returns_a_failed_task(
-    api_server: ApiServer, admin: Client, subscribed: Callable[[str], None]
-) -> None:
+async def test_async_run_task_returns_a_failed_task(api_server: ApiServer, admin: Client) -> None:
     """The async client: a failed task ends the call too, with its error."""
     node = Node(admin)
     recorder = AsyncRecorder()
 
     def run_late() -> None:
         task_id, attempt = node.claim(wait=10)
-        subscribed(task_id)
         node.fail(task_id, attempt, "bad input")
 
     worker = in_thread(run_late)

@@ -105,3 +105,73 @@ async def test_not_connected_waits_fall_back_to_short_waits(store: Store) -> Non
             assert loop.time() - started < 5
     finally:
         await hub.close()
+
+
+async def test_an_own_task_id_is_watched_without_a_subscribe(
+    notifier: TaskNotifier, services: Services, store: Store
+) -> None:
+    """Create-and-wait's ids are covered by the connection's one pattern: live at once, no
+    SUBSCRIBE (nothing to wait for before the create), and woken by the scripts' emits."""
+    await until(lambda: notifier.connected, "connected")
+    task_id = notifier.own_task_id()
+    assert task_id.startswith("task_") and len(task_id) == len("task_") + 32
+    async with notifier.watch(task_id) as w:
+        assert w.live
+        assert await numsub(store, task_id) == 0  # no channel subscription of its own
+        await services.tasks.create(NewTask(task_type=1), task_id=task_id)
+        assert await w.next(5) == "QUEUED"
+        await services.tasks.cancel(task_id)
+        assert await w.next(5) == "CANCELED"
+    assert notifier.own_task_id()[:13] == task_id[:13]  # one tag per process
+    assert notifier.own_task_id() != task_id
+
+
+async def test_another_process_watches_an_own_id_the_usual_way(
+    notifier: TaskNotifier, redis_url: str, store: Store
+) -> None:
+    other = TaskNotifier(redis_url, store.settings.namespace)
+    other.start()
+    try:
+        await until(lambda: notifier.connected and other.connected, "connected")
+        task_id = notifier.own_task_id()
+        async with notifier.watch(task_id) as mine, other.watch(task_id) as theirs:
+            assert mine.live and theirs.live
+            assert await numsub(store, task_id) == 1  # the other process's SUBSCRIBE
+            await store.redis.publish(notifier.channel(task_id), "COMPLETED")
+            assert await mine.next(5) == "COMPLETED" and await theirs.next(5) == "COMPLETED"
+        other_id = other.own_task_id()
+        async with notifier.watch("t-any") as unrelated:
+            await store.redis.publish(notifier.channel(other_id), "COMPLETED")
+            assert await unrelated.next(0.2) is None
+    finally:
+        await other.close()
+
+
+async def test_own_watchers_resync_after_a_dropped_connection(
+    notifier: TaskNotifier, store: Store
+) -> None:
+    await until(lambda: notifier.connected, "connected")
+    task_id = notifier.own_task_id()
+    async with notifier.watch(task_id) as w:
+        await store.redis.execute_command("CLIENT", "KILL", "SKIPME", "yes", "TYPE", "pubsub")
+        assert await w.next(5) == RESYNC
+        await until(lambda: w.live, "live again")
+        assert await w.next(5) == RESYNC  # the pattern is back: re-read once more
+        await store.redis.publish(notifier.channel(task_id), "FAILED")
+        assert await w.next(5) == "FAILED"
+
+
+async def test_the_own_pattern_escapes_the_namespace(redis_url: str, store: Store) -> None:
+    """A namespace with glob characters matches only itself, not what the glob would."""
+    hub = TaskNotifier(redis_url, "g*[ab]:")
+    hub.start()
+    try:
+        await until(lambda: hub.connected, "connected")
+        task_id = hub.own_task_id()
+        async with hub.watch(task_id) as w:
+            await store.redis.publish(f"gXYZa:ev:{task_id}", "COMPLETED")  # the glob's match
+            assert await w.next(0.2) is None
+            await store.redis.publish(hub.channel(task_id), "COMPLETED")
+            assert await w.next(5) == "COMPLETED"
+    finally:
+        await hub.close()

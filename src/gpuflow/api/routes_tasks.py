@@ -30,7 +30,7 @@ from gpuflow.core.errors import Forbidden, GpuflowError, InvalidInput
 from gpuflow.core.models import TERMINAL_STATUSES, TaskStatus, json_text
 from gpuflow.core.notify import TaskNotifier, settle
 from gpuflow.core.system import System
-from gpuflow.core.tasks import Idempotency, NewTask, new_task_id
+from gpuflow.core.tasks import Idempotency, NewTask
 
 router = APIRouter(prefix="/api/v2/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
 TaskId = Annotated[str, "task id"]
@@ -133,8 +133,9 @@ async def create_task(
         return envelope(await system.tasks.create(new, idem))
     notifier = get_notifier(request)  # not a dependency: most creates do not wait
     deadline = asyncio.get_running_loop().time() + wait
-    task_id = new_task_id()
-    # Subscribed before the task exists, so even a task that ends at once wakes this request.
+    task_id = notifier.own_task_id()
+    # Watched before the task exists (an id of this process's own channels: no SUBSCRIBE to
+    # wait for), so even a task that ends at once wakes this request.
     async with notifier.watch(task_id) as watch:
         created = await system.tasks.create(new, idem, task_id)
         read = partial(system.tasks.get, created["taskId"])

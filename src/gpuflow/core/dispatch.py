@@ -4,6 +4,12 @@ A node that finds nothing waits in a blocking ``XREADGROUP`` on all its streams.
 each new entry to exactly one blocked consumer of the group, so a new task wakes one idle
 node, not all of them. The entry it received is passed into the claim script, which starts
 it (or puts it back when the node is no longer able to take it) atomically.
+
+A claim first runs the script without a read (it sees a busy or faulty node before taking an
+entry it could not run), except right after a claim that left the node free capacity: that
+one read its streams until they were empty, so the next goes straight to the blocking read,
+which answers at once if an entry came meanwhile. An idle node's cycle (wake, start, report,
+wait) is then one script call, not two.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from gpuflow.store.keys import GROUP
 #: this process is seen at once (Gpus.generation), one made through another process (the
 #: node's types changed) within this long.
 STREAMS_TTL_S = 1.0
+#: Bound of the set of GPUs whose last claim emptied their streams (ids of deleted GPUs
+#: would otherwise stay in it); past it the set starts over.
+MAX_DRAINED = 100_000
 
 
 #: A compact claim's fields, in the order claim.lua answers them.
@@ -60,6 +69,8 @@ class Dispatcher:
         self.blocking = blocking
         self._streams: TtlCache[str, list[str]] = TtlCache(STREAMS_TTL_S, self._read_streams)
         self._generation = gpus.generation
+        #: GPUs whose last claim left them free capacity: their streams were read empty.
+        self._drained: set[str] = set()
 
     async def _node_streams(self, gpu_id: str) -> list[str]:
         """The streams the node reads, highest priority first (cached ``STREAMS_TTL_S``)."""
@@ -119,12 +130,16 @@ class Dispatcher:
         if not streams:
             await asyncio.sleep(min(wait_s, 1.0))
             return []
-        free, started = await self._claim(gpu_id, streams, [], recover, compact)
-        if started or wait_s <= 0:
-            return started
-        if free <= 0:  # busy, locked, or not ACTIVE (the script looks)
-            await asyncio.sleep(min(wait_s, 1.0))
-            return []
+        if gpu_id not in self._drained or wait_s <= 0 or recover:
+            free, started = await self._claim(gpu_id, streams, [], recover, compact)
+            if started or wait_s <= 0:
+                self._note(gpu_id, free)
+                return started
+            if free <= 0:  # busy, locked, or not ACTIVE (the script looks)
+                self._drained.discard(gpu_id)
+                await asyncio.sleep(min(wait_s, 1.0))
+                return []
+        self._drained.discard(gpu_id)
         reply = await self.blocking.xreadgroup(
             GROUP,
             gpu_id,
@@ -139,5 +154,15 @@ class Dispatcher:
         ]
         if not pre:
             return []
-        _, started = await self._claim(gpu_id, streams, pre, False, compact)
+        free, started = await self._claim(gpu_id, streams, pre, False, compact)
+        self._note(gpu_id, free)
         return started
+
+    def _note(self, gpu_id: str, free: int) -> None:
+        """After a claim: free capacity left means the script read the streams empty."""
+        if free <= 0:
+            self._drained.discard(gpu_id)
+            return
+        if len(self._drained) >= MAX_DRAINED:
+            self._drained.clear()
+        self._drained.add(gpu_id)

@@ -8,6 +8,12 @@ Only then does the request read the task's state, so a transition can never slip
 the read and the wait (no lost wake-up). Messages are dispatched to each watcher's small
 queue; the request re-reads the state when woken.
 
+A task this process creates and awaits at once (create with ``wait``) needs no SUBSCRIBE,
+and so no round trip before the create: it gets an id from :meth:`TaskNotifier.own_task_id`,
+which starts with this process's random tag, and the connection holds one ``PSUBSCRIBE`` of
+every channel with that tag (``<prefix>ev:task_<tag>*``), confirmed before the connection
+counts as up. Other processes watch such a task the usual way.
+
 When the connection drops (Redis restart), every watcher is told :data:`RESYNC` and, until
 the channel is subscribed again, :meth:`Watch.next` returns after at most
 :data:`FALLBACK_S`, so waiting requests fall back to re-reading the state; the reader
@@ -20,6 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import secrets
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +113,7 @@ class _Chan:
     pending: int = 0  # SUBSCRIBEs sent and not yet confirmed
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     resync: bool = False  # tell the watchers to re-read once confirmed (after a reconnect)
+    own: bool = False  # covered by the connection's pattern: never SUBSCRIBEd on its own
 
 
 class TaskNotifier:
@@ -112,7 +122,9 @@ class TaskNotifier:
     def __init__(self, url: str, namespace: str, *, max_watchers: int = MAX_WATCHERS) -> None:
         self._url = url
         self._prefix = f"{namespace}ev:"
-        self._keepalive = f"{namespace}ev-keepalive"
+        self._tag = secrets.token_hex(4)
+        self._own = f"{self._prefix}task_{self._tag}"
+        self._pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self._own) + "*"
         self.max_watchers = max_watchers
         self._chans: dict[str, _Chan] = {}
         self._watchers = 0
@@ -125,6 +137,11 @@ class TaskNotifier:
 
     def channel(self, task_id: str) -> str:
         return self._prefix + task_id
+
+    def own_task_id(self) -> str:
+        """A fresh task id (the usual 32 hex digits) that this process can watch without a
+        SUBSCRIBE: for a task it is about to create and await."""
+        return f"task_{self._tag}{uuid.uuid4().hex[8:]}"
 
     @property
     def watchers(self) -> int:
@@ -169,12 +186,14 @@ class TaskNotifier:
         name = self.channel(task_id)
         chan = self._chans.get(name)
         if chan is None:
-            chan = self._chans[name] = _Chan(name)
+            chan = self._chans[name] = _Chan(name, own=name.startswith(self._own))
+            if chan.own and self.connected:
+                chan.ready.set()  # the pattern is confirmed while connected
         watch = Watch(self, chan)
         chan.watchers.add(watch)
         self._watchers += 1
         try:
-            if self.connected and not chan.subscribed:
+            if self.connected and not chan.subscribed and not chan.own:
                 self._subscribe(chan)
             if self.connected and not chan.ready.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -251,7 +270,7 @@ class TaskNotifier:
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind, name = message["type"], message["channel"]
-        if kind == "message":
+        if kind in ("message", "pmessage"):
             chan = self._chans.get(name)
             if chan is not None:
                 for watch in chan.watchers:
@@ -287,15 +306,19 @@ class TaskNotifier:
             client_name=CLIENT_NAME,
         )
         self._pubsub = self._client.pubsub()
-        await self._pubsub.subscribe(self._keepalive)
+        await self._pubsub.psubscribe(self._pattern)  # also keeps the connection subscribed
         async with asyncio.timeout(5):
-            while (await self._pubsub.get_message(timeout=1.0) or {}).get("type") != "subscribe":
+            while (await self._pubsub.get_message(timeout=1.0) or {}).get("type") != "psubscribe":
                 pass
         self._commands = asyncio.Queue()
         self.connected = True
         self._writer = asyncio.create_task(self._write(self._pubsub, self._commands))
         for chan in list(self._chans.values()):
-            if chan.watchers:
+            if chan.watchers and chan.own:
+                chan.ready.set()
+                for watch in chan.watchers:
+                    watch.push(RESYNC)
+            elif chan.watchers:
                 chan.resync = True
                 self._subscribe(chan)
 
