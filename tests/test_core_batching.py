@@ -108,6 +108,29 @@ async def test_coalescer_fails_only_the_refused_item_and_every_item_on_a_lost_ca
     assert await co.submit(7) == 70  # a lone call is not held back
 
 
+async def test_coalescer_deadline_fails_a_stuck_batch_and_the_next_one_goes_out() -> None:
+    """One timer per batch: a call that never answers fails its items with TimeoutError
+    after ``timeout_s``; the items queued behind it go out in the next batch."""
+    stuck, out = asyncio.Event(), asyncio.Event()
+
+    async def call(items: list[int]) -> list[int | Exception]:
+        if 0 in items:
+            out.set()
+            await stuck.wait()  # a connection that never answers
+        return [i * 10 for i in items]
+
+    co: Coalescer[int, int] = Coalescer(call, timeout_s=0.2)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    first = asyncio.ensure_future(co.submit(0))
+    await asyncio.wait_for(out.wait(), 2)  # its batch is out: the next waits for the next
+    second = asyncio.ensure_future(co.submit(2))
+    with pytest.raises(TimeoutError):
+        await first
+    assert 0.2 <= loop.time() - started < 2
+    assert await asyncio.wait_for(second, 2) == 20
+
+
 @pytest.mark.redis
 async def test_compact_claim_gives_the_agent_what_the_full_view_gives(services: Services) -> None:
     from gpuflow.worker.transport import ClaimedTask
@@ -122,6 +145,13 @@ async def test_compact_claim_gives_the_agent_what_the_full_view_gives(services: 
     (full,) = await s.dispatch.claim("g1")
     (compact,) = await s.dispatch.claim("g2", compact=True)
     a, b = ClaimedTask.from_view(full), ClaimedTask.from_view(compact)
+    await s.tasks.requeue(b.task_id, attempt=1)
+    (row,) = await s.dispatch.claim_rows("g2")  # the agent's path: the same task, attempt 2
+    c = ClaimedTask.from_row(row)
+    assert (c.task_id, c.attempt, c.retry_count) == (b.task_id, 2, b.retry_count)
+    kept = ("task_type", "gpu_id", "payload", "priority", "display_id", "user_id", "app")
+    kept += ("timeout_ms", "max_retries")
+    assert [getattr(c, f) for f in kept] == [getattr(b, f) for f in kept]
     assert (b.gpu_id, b.attempt, b.payload, b.user_id, b.app) == (
         "g2",
         1,

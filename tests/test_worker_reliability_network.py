@@ -212,6 +212,40 @@ async def test_claims_resume_after_connections_die_silently(
     assert proxy.accepted > frozen  # through new connections
 
 
+@pytest.mark.redis
+async def test_a_report_on_a_dead_connection_fails_by_its_deadline_then_lands(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """Reports go out in batches with one deadline per batch: on a connection that stopped
+    answering, the report fails with TransportError after ``op_timeout_s`` (not the socket's
+    10 s and its retries), the connections are dropped, and the repeat lands."""
+    from gpuflow.core.gpus import GpuSpec
+    from gpuflow.worker.transport import TransportError
+
+    settings = fast_settings(namespace, tmp_path)
+    proxy = FreezingProxy(redis_url)
+    proxied = await proxy.start()
+    try:
+        async with (
+            own_store(redis_url, settings) as store,
+            redis_transport(proxied, settings, op_timeout_s=0.5) as transport,
+        ):
+            tasks = Tasks(store, Gpus(store))
+            await Gpus(store).register(GpuSpec("gd", [14]))
+            task_id = await create(tasks, 14, "x")
+            (claimed,) = await transport.claim("gd", 0)
+            proxy.freeze()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(TransportError, match=r"no answer within 0\.5 s"):
+                await transport.complete(claimed, "late")
+            assert loop.time() - started < 3
+            await transport.complete(claimed, "through")  # on a fresh connection
+            assert (await tasks.get(task_id))["result"] == "through"
+    finally:
+        await proxy.close()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -26,15 +26,20 @@ class Coalescer(Generic[T, R]):
     """``await submit(item)`` runs ``item`` as part of the next batch call.
 
     One batch is in flight at a time (per event loop); up to ``max_batch`` items go in each.
-    When the batch call itself fails (a lost connection), every item in it gets that error.
+    When the batch call itself fails (a lost connection), every item in it gets that error;
+    with ``timeout_s``, a batch call that runs longer fails its items with ``TimeoutError``
+    (one timer per batch, not per caller).
     A caller cancelled after its batch left may still have had its item applied, as with
     any cancelled remote call. No caller waits forever: if the flushing task dies (cancelled
     at shutdown), the items it had not answered are cancelled.
     """
 
-    def __init__(self, call: BatchCall[T, R], max_batch: int = 128) -> None:
+    def __init__(
+        self, call: BatchCall[T, R], max_batch: int = 128, timeout_s: float | None = None
+    ) -> None:
         self._call = call
         self._max = max(1, max_batch)
+        self._timeout = timeout_s
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._flushers: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
 
@@ -73,7 +78,8 @@ class Coalescer(Generic[T, R]):
                     continue
                 results: Sequence[R | Exception]
                 try:
-                    results = await self._call([item for item, _ in live])
+                    async with asyncio.timeout(self._timeout):
+                        results = await self._call([item for item, _ in live])
                 except Exception as exc:
                     results = [exc] * len(live)
                 if len(results) != len(live):

@@ -116,7 +116,7 @@ class Dispatcher:
                 raise NotFound(f"GPU {gpu_id} not registered") from exc
             raise
         if compact:
-            return int(reply[0]), [_compact_view(row) for row in reply[1:]]
+            return int(reply[0]), reply[1:]
         return started_tasks(reply)
 
     async def claim(
@@ -126,6 +126,17 @@ class Dispatcher:
         Each started task as its TaskDO view; with ``compact`` that view holds only the
         :data:`COMPACT_FIELDS` an agent runs it with (the rest None): the agent's claims
         skip reading the whole record."""
+        started = await self._take(gpu_id, wait_s, recover, compact)
+        return [_compact_view(row) for row in started] if compact else started
+
+    async def claim_rows(
+        self, gpu_id: str, wait_s: float = 0.0, *, recover: bool = False
+    ) -> list[list[str]]:
+        """As ``claim(compact=True)``, each task as the script's row of :data:`COMPACT_FIELDS`
+        values ('' for a missing one): the agent builds its task from it directly."""
+        return await self._take(gpu_id, wait_s, recover, True)
+
+    async def _take(self, gpu_id: str, wait_s: float, recover: bool, compact: bool) -> list[Any]:
         streams = await self._node_streams(gpu_id)
         if not streams:
             await asyncio.sleep(min(wait_s, 1.0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from collections.abc import Iterator, Sequence
@@ -109,13 +110,25 @@ class Report:
 class Tasks:
     """The task side of the domain, over one :class:`Store`."""
 
-    def __init__(self, store: Store, gpus: Gpus, types: TaskTypes | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        gpus: Gpus,
+        types: TaskTypes | None = None,
+        *,
+        report_timeout_s: float | None = None,
+    ) -> None:
         self.store = store
         self.keys = store.keys
         self.settings = store.settings
         self.gpus = gpus
         self.types = types or TaskTypes(store)
-        self._finisher: Coalescer[Report, TaskStatus] = Coalescer(self.finish_many)
+        #: ``report_timeout_s``: how long a batch of reports (or a report that goes alone)
+        #: may take; TimeoutError after that.
+        self._report_timeout = report_timeout_s
+        self._finisher: Coalescer[Report, TaskStatus] = Coalescer(
+            self.finish_many, timeout_s=report_timeout_s
+        )
 
     def tier_of(self, priority: int) -> Tier:
         return Tier.VIP if priority >= self.settings.vip_priority else Tier.NORMAL
@@ -337,7 +350,8 @@ class Tasks:
         applied as if it came alone."""
         report = Report(task_id, outcome, text, gpu_id, attempt, retryable)
         if len(text) > BATCHED_TEXT_MAX:  # large results go alone: batches stay small
-            (result,) = await self.finish_many([report])
+            async with asyncio.timeout(self._report_timeout):
+                (result,) = await self.finish_many([report])
             if isinstance(result, Exception):
                 raise result
             return result

@@ -9,7 +9,9 @@ Every call has a deadline (``op_timeout_s``, plus the wait of a claim). A connec
 die without the client noticing (a failover, a cut network: no FIN, no RST), and a blocking
 ``XREADGROUP`` on it would then wait forever while the agent believes it is claiming. A call
 past its deadline drops every pooled connection and fails with :class:`TransportError`; the
-agent retries, on fresh connections.
+agent retries, on fresh connections. Reports (complete, fail, time out), which go out in
+batches, have one deadline per batch (``Tasks(report_timeout_s=...)``) instead of a timer
+per task.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -72,7 +74,7 @@ class RedisTransport:
     ) -> None:
         self.store = store
         self.gpus = Gpus(store)
-        self.tasks = Tasks(store, self.gpus)
+        self.tasks = Tasks(store, self.gpus, report_timeout_s=op_timeout_s)
         self._blocking: Any = store.blocking_client()
         self.dispatcher = Dispatcher(store, self.gpus, self._blocking)
         self._owns_store = owns_store
@@ -96,9 +98,12 @@ class RedisTransport:
         except TimeoutError:
             if not deadline.expired():
                 raise
-            log.warning("Redis did not answer in %.1f s; reconnecting", self.op_timeout_s)
-            await self.reset()
-            raise TransportError(f"Redis: no answer within {self.op_timeout_s:g} s") from None
+            await self._no_answer()
+
+    async def _no_answer(self) -> NoReturn:
+        log.warning("Redis did not answer in %.1f s; reconnecting", self.op_timeout_s)
+        await self.reset()
+        raise TransportError(f"Redis: no answer within {self.op_timeout_s:g} s") from None
 
     async def reset(self) -> None:
         """Drop every connection (in use or not); the next calls open fresh ones."""
@@ -130,8 +135,8 @@ class RedisTransport:
         self, gpu_id: str, wait_s: float, *, recover: bool = False
     ) -> list[ClaimedTask]:
         async with self._call(node=True, wait_s=wait_s):
-            views = await self.dispatcher.claim(gpu_id, wait_s, recover=recover, compact=True)
-        return [ClaimedTask.from_view(v) for v in views]
+            rows = await self.dispatcher.claim_rows(gpu_id, wait_s, recover=recover)
+        return [ClaimedTask.from_row(row) for row in rows]
 
     async def presence(self, stop: asyncio.Event) -> None:
         member = Membership(self.store, new_instance_id("worker"), lambda: "WORKER")
@@ -144,14 +149,7 @@ class RedisTransport:
             )
 
     async def complete(self, task: ClaimedTask, result: str) -> None:
-        async with self._call():
-            await self.tasks.finish(
-                task.task_id,
-                TaskStatus.COMPLETED,
-                result,
-                gpu_id=task.gpu_id,
-                attempt=task.attempt,
-            )
+        await self._end(task, TaskStatus.COMPLETED, result, True)
 
     async def fail(self, task: ClaimedTask, error: str, *, retryable: bool = True) -> None:
         await self._end(task, TaskStatus.FAILED, error, retryable)
@@ -160,15 +158,19 @@ class RedisTransport:
         await self._end(task, TaskStatus.TIMEOUT, error, True)
 
     async def _end(self, task: ClaimedTask, status: TaskStatus, text: str, retry: bool) -> None:
-        async with self._call():
-            await self.tasks.finish(
-                task.task_id,
-                status,
-                text,
-                gpu_id=task.gpu_id,
-                attempt=task.attempt,
-                retryable=retry,
-            )
+        """A report, batched with the others of its loop tick; the batch has the deadline."""
+        with _mapped():
+            try:
+                await self.tasks.finish(
+                    task.task_id,
+                    status,
+                    text,
+                    gpu_id=task.gpu_id,
+                    attempt=task.attempt,
+                    retryable=retry,
+                )
+            except TimeoutError:  # the batch's deadline (an OSError: before _mapped sees it)
+                await self._no_answer()
 
     async def release(self, task: ClaimedTask) -> None:
         async with self._call():

@@ -45,7 +45,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from gpuflow.core.models import json_text, parse_json_or_text
 from gpuflow.worker.transport import ClaimedTask
@@ -68,6 +68,31 @@ class StopRequested(BaseException):
     does not swallow it. A handler may also raise it itself after ``ctx.should_stop()``."""
 
 
+class StopFlag(Protocol):
+    """What ``ctx.should_stop()`` reads: a ``threading.Event`` or a :class:`LoopFlag`."""
+
+    def is_set(self) -> bool: ...
+
+    def set(self) -> None: ...
+
+
+class LoopFlag:
+    """The stop flag of an in-loop (async) handler: set on the loop's thread, read from any
+    (a bool under the GIL), without the lock and condition a ``threading.Event`` costs per
+    task."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 @dataclass(slots=True)
 class TaskContext:
     """What a handler knows about the task it runs, and how it reports progress."""
@@ -86,7 +111,7 @@ class TaskContext:
     max_retries: int = 0
     gpu_index: int | None = None
     _report: ProgressFn | None = field(default=None, repr=False)
-    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _stop: StopFlag = field(default_factory=threading.Event, repr=False)
 
     @classmethod
     def for_task(
@@ -94,7 +119,7 @@ class TaskContext:
         task: ClaimedTask,
         report: ProgressFn | None,
         gpu_index: int | None = None,
-        stop: threading.Event | None = None,
+        stop: StopFlag | None = None,
     ) -> TaskContext:
         return cls(
             task_id=task.task_id,

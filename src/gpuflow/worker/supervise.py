@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
 from gpuflow.worker.executor import ProcessExecutor
-from gpuflow.worker.sdk import Outcome
+from gpuflow.worker.sdk import LoopFlag, Outcome
 from gpuflow.worker.transport import ClaimedTask
 
 log = logging.getLogger("gpuflow.worker")
@@ -42,7 +41,7 @@ class Job:
     task: ClaimedTask
     executor: ProcessExecutor | None = None
     #: The handler's ``ctx.should_stop()`` flag (for in-loop handlers; a child keeps its own).
-    flag: threading.Event = field(default_factory=threading.Event)
+    flag: LoopFlag = field(default_factory=LoopFlag)
     runner: asyncio.Task[None] | None = None
     #: The handler has ended and its outcome is being reported: too late to stop it.
     reporting: bool = False

@@ -28,6 +28,11 @@ class NodeSpec:
     gpu_index: int | None = None
 
 
+def _int(value: str) -> int:
+    """A stored number ('' and missing: 0), as the task view reads it."""
+    return int(float(value)) if value else 0
+
+
 @dataclass(slots=True)
 class ClaimedTask:
     """A task started on a node: what the handler sees, plus the fencing ``attempt``."""
@@ -44,6 +49,26 @@ class ClaimedTask:
     timeout_ms: int = 300_000
     retry_count: int = 0
     max_retries: int = 3
+
+    @classmethod
+    def from_row(cls, row: list[str]) -> ClaimedTask:
+        """From a compact claim's row (``core/dispatch.py``: COMPACT_FIELDS), as
+        ``from_view`` of that row's view gives, without building the view."""
+        tid, ttype, attempt, gpu, payload, prio, display, user, app, tmo, retries, most = row
+        return cls(
+            task_id=tid,
+            task_type=int(ttype),
+            attempt=int(attempt),
+            gpu_id=gpu,
+            payload=payload,
+            priority=_int(prio),
+            display_id=_int(display),
+            user_id=user or None,
+            app=app or None,
+            timeout_ms=_int(tmo) or 300_000,
+            retry_count=_int(retries),
+            max_retries=_int(most),
+        )
 
     @classmethod
     def from_view(cls, view: dict[str, Any]) -> ClaimedTask:
