@@ -135,3 +135,85 @@ async def test_fast_path_renews_the_listed_lease(api_server: ApiServer, store: S
         assert api_server.app.state.fast_heartbeats == 1
         assert await store.redis.zscore(store.keys.leases, keys["task"]) > lease
         assert await store.redis.hget(store.keys.gpu("fp-gpu"), "status") == "ACTIVE"
+
+
+VOLATILE = ("taskId", "displayId", "estimatedWaitTime", "createdAt", "updatedAt")
+
+
+def _create_cases(keys: dict[str, str], admin_key: str) -> list[tuple[str, bool, dict[str, Any]]]:
+    """(name, whether the create fast path answers it, request arguments)."""
+    admin = {"X-API-Key": admin_key}
+    client = {"X-API-Key": keys["client"]}
+    body = {"taskType": 8, "payload": {"in": "a.jpg"}, "priority": 3, "maxRetries": 1}
+    return [
+        ("admin", True, {"headers": admin, "json": body}),
+        ("bearer", True, {"headers": {"Authorization": f"Bearer {admin_key}"}, "json": body}),
+        ("client, own user", True, {"headers": client, "json": {"taskType": 8}}),
+        ("client, named own user", True, {"headers": client, "json": {"taskType": 8,
+            "userId": "u1"}}),
+        ("client, other user", True, {"headers": client, "json": {"taskType": 8,
+            "userId": "u2"}}),
+        ("wait 0", True, {"headers": admin, "json": body, "params": {"wait": "0"}}),
+        ("wait runs out", True, {"headers": admin, "json": body, "params": {"wait": "0.1"}}),
+        ("wait too long", False, {"headers": admin, "json": body, "params": {"wait": "61"}}),
+        ("wait not a number", False, {"headers": admin, "json": body, "params": {"wait": "x"}}),
+        ("other query", False, {"headers": admin, "json": body, "params": {"x": "1"}}),
+        ("idempotency key", False, {"headers": {**admin, "Idempotency-Key": "fp-1"},
+            "json": body}),
+        ("no key", False, {"json": body}),
+        ("unknown key", False, {"headers": {"X-API-Key": "gf_admin_nope"}, "json": body}),
+        ("worker key", False, {"headers": {"X-API-Key": keys["worker"]}, "json": body}),
+        ("viewer key", False, {"headers": {"X-API-Key": keys["viewer"]}, "json": body}),
+        ("no body", False, {"headers": admin}),
+        ("bad type", False, {"headers": admin, "json": {"taskType": -1}}),
+        ("unknown field, ignored", True, {"headers": admin, "json": {"taskType": 8, "colour": 1}}),
+        ("malformed", False, {"headers": {**admin, "Content-Type": "application/json"},
+            "content": b'{"taskType": '}),
+        ("text body", False, {"headers": {**admin, "Content-Type": "text/plain"},
+            "content": b'{"taskType": 8}'}),
+    ]  # fmt: skip
+
+
+async def _create(c: httpx.AsyncClient, args: dict[str, Any]) -> tuple[int, Any]:
+    """The answer with the values that differ between any two creates masked."""
+    r = await c.post("/api/v2/tasks", **args)
+    body = r.json()
+    if isinstance(body.get("data"), dict):
+        body["data"] = {k: "*" if k in VOLATILE else v for k, v in body["data"].items()}
+    return r.status_code, body
+
+
+async def test_create_fast_path_answers_as_the_route(
+    api_server: ApiServer, route_server: ApiServer, store: Store
+) -> None:
+    async with (
+        httpx.AsyncClient(base_url=api_server.url, timeout=30) as fast,
+        httpx.AsyncClient(base_url=route_server.url, timeout=30) as route,
+    ):
+        keys = await _setup(fast, api_server.admin_key)
+        state = api_server.app.state
+        for name, taken, args in _create_cases(keys, api_server.admin_key):
+            before = getattr(state, "fast_creates", 0)
+            got = await _create(fast, args)
+            hits = getattr(state, "fast_creates", 0) - before
+            want = await _create(route, args)
+            assert got == want, name
+            assert hits == (1 if taken else 0), name
+        case = {name: args for name, _, args in _create_cases(keys, api_server.admin_key)}
+        r = await fast.post("/api/v2/tasks", **case["admin"])
+        created = r.json()["data"]
+        assert r.status_code == 200 and created["status"] == "QUEUED"
+        stored = await store.redis.hgetall(store.keys.task(created["taskId"]))
+        assert (stored["payload"], stored["priority"], stored["tier"]) == (
+            '{"in":"a.jpg"}',
+            "3",
+            "VIP",
+        )
+        r = await fast.post("/api/v2/tasks", **case["client, own user"])
+        stored = await store.redis.hgetall(store.keys.task(r.json()["data"]["taskId"]))
+        assert stored["userId"] == "u1"
+        status, body = await _create(fast, case["client, other user"])
+        assert status == 403 and "u2" in body["message"]
+        status, body = await _create(fast, case["wait runs out"])
+        assert status == 200 and body["data"]["status"] == "QUEUED" and "payload" in body["data"]
+    assert getattr(route_server.app.state, "fast_creates", 0) == 0

@@ -22,6 +22,7 @@ from gpuflow.api import (
 from gpuflow.api.deps import SECURITY_SCHEMES
 from gpuflow.api.envelope import error, install_error_handlers
 from gpuflow.api.fastpath import HeartbeatFastPath
+from gpuflow.api.fastpath_create import CreateFastPath
 from gpuflow.config import Settings
 from gpuflow.core.cluster import Membership, new_instance_id
 from gpuflow.core.leader import Leadership
@@ -40,8 +41,9 @@ def create_app(
     settings: Settings, redis_url: str, *, background: bool = True, fast_paths: bool = True
 ) -> FastAPI:
     """An app bound to one Redis; ``background`` campaigns for leadership and, while
-    leading, runs the maintenance loops in-process. ``fast_paths`` answers heartbeats
-    without FastAPI's routing (api/fastpath.py); off, the route answers them all."""
+    leading, runs the maintenance loops in-process. ``fast_paths`` answers heartbeats and
+    creates without FastAPI's routing (api/fastpath.py, api/fastpath_create.py); off, the
+    routes answer them all."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -85,6 +87,7 @@ def create_app(
     app.add_middleware(BodyLimit, limit=limit)
     if fast_paths:
         app.add_middleware(HeartbeatFastPath, max_body=limit)
+        app.add_middleware(CreateFastPath, max_body=limit)
 
     for module in (
         routes_tasks,

@@ -47,7 +47,7 @@ class HeartbeatFastPath:
         if gpu_id is None:
             await self.app(scope, receive, send)
             return
-        key, length, json_body = _read_headers(scope["headers"])
+        key, length, json_body = read_headers(scope["headers"])
         if key is None or length is None or length > self.max_body or (length and not json_body):
             await self.app(scope, receive, send)
             return
@@ -61,7 +61,7 @@ class HeartbeatFastPath:
         if principal is None or principal.role not in ROLES:
             await self.app(scope, receive, send)  # the route answers 401 / 403
             return
-        body = await _read_body(receive)
+        body = await read_body(receive)
         if body is None:
             return  # the client went away
         running: dict[str, int] | None = None
@@ -69,7 +69,7 @@ class HeartbeatFastPath:
             try:
                 beat = HeartbeatIn.model_validate_json(body)
             except ValidationError:
-                await self.app(scope, _replay(body, receive), send)  # the route's 400
+                await self.app(scope, replay(body, receive), send)  # the route's 400
                 return
             running = {t.taskId: t.attempt for t in beat.running}
         state.fast_heartbeats = getattr(state, "fast_heartbeats", 0) + 1
@@ -87,7 +87,7 @@ def _heartbeat_gpu(scope: Scope) -> str | None:
     return gpu_id if gpu_id and "/" not in gpu_id else None
 
 
-def _read_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str | None, int | None, bool]:
+def read_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str | None, int | None, bool]:
     """(API key, declared Content-Length, whether the body is declared JSON)."""
     auth: dict[str, str] = {}
     length: int | None = None
@@ -104,7 +104,7 @@ def _read_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str | None, int | Non
     return credential(auth), length, json_body
 
 
-async def _read_body(receive: Receive) -> bytes | None:
+async def read_body(receive: Receive) -> bytes | None:
     chunks: list[bytes] = []
     while True:
         message = await receive()
@@ -115,7 +115,7 @@ async def _read_body(receive: Receive) -> bytes | None:
             return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Receive) -> Callable[[], Awaitable[Message]]:
+def replay(body: bytes, receive: Receive) -> Callable[[], Awaitable[Message]]:
     """A ``receive`` that hands the route the body this path already read."""
     pending = True
 

@@ -25,7 +25,7 @@ from gpuflow.api.schemas import (
     TaskResultUpdate,
     TaskStatusUpdate,
 )
-from gpuflow.core.apikeys import Role
+from gpuflow.core.apikeys import Principal, Role
 from gpuflow.core.errors import Forbidden, GpuflowError, InvalidInput
 from gpuflow.core.models import TERMINAL_STATUSES, TaskStatus, json_text
 from gpuflow.core.notify import TaskNotifier, settle
@@ -109,19 +109,26 @@ async def create_task(
     a round trip less: the answer is the task's detail, final or as it stands when `wait`
     runs out (then await it with that long-poll). 503 (nothing created) when too many
     requests already wait."""
+    new = new_task_of(body, who)
+    idem = None
+    if idempotency_key is not None:
+        digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+        idem = Idempotency(who.key_id or who.role.value, idempotency_key, digest)
+    # The notifier is not a dependency: most creates do not wait.
+    return envelope(await submit(system, get_notifier(request), new, wait, idem))
+
+
+def new_task_of(body: TaskCreate, who: Principal) -> NewTask:
+    """The task a create asks for; a `client` key creates for its own user only. Shared
+    with the create fast path (api/fastpath_create.py)."""
     user_id = body.userId
     if who.role is Role.CLIENT:
         if user_id is not None and user_id != who.user_id:
             raise Forbidden(f"a client key of user {who.user_id} cannot create tasks for {user_id}")
         user_id = who.user_id
-    payload = "" if body.payload is None else json_text(body.payload)
-    idem = None
-    if idempotency_key is not None:
-        digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
-        idem = Idempotency(who.key_id or who.role.value, idempotency_key, digest)
-    new = NewTask(
+    return NewTask(
         task_type=body.taskType,
-        payload=payload,
+        payload="" if body.payload is None else json_text(body.payload),
         user_id=user_id,
         app=body.app,
         priority=body.priority,
@@ -129,9 +136,19 @@ async def create_task(
         max_retries=body.maxRetries,
         timeout=body.timeout,
     )
+
+
+async def submit(
+    system: System,
+    notifier: TaskNotifier,
+    new: NewTask,
+    wait: float,
+    idem: Idempotency | None = None,
+) -> dict[str, Any]:
+    """Create, and with ``wait`` > 0 await the task: its ``TaskCreated`` view, or its
+    detail once final or when ``wait`` runs out."""
     if wait <= 0:
-        return envelope(await system.tasks.create(new, idem))
-    notifier = get_notifier(request)  # not a dependency: most creates do not wait
+        return await system.tasks.create(new, idem)
     deadline = asyncio.get_running_loop().time() + wait
     task_id = notifier.own_task_id()
     # Watched before the task exists (an id of this process's own channels: no SUBSCRIBE to
@@ -140,10 +157,10 @@ async def create_task(
         created = await system.tasks.create(new, idem, task_id)
         read = partial(system.tasks.get, created["taskId"])
         if created["taskId"] == task_id:
-            return envelope(await settle(watch, deadline, read))
+            return await settle(watch, deadline, read)
     # An idempotent repeat: the first request's task, awaited like GET ?wait= does.
     left = max(deadline - asyncio.get_running_loop().time(), 0.0)
-    return envelope(await notifier.until_final(created["taskId"], left, read))
+    return await notifier.until_final(created["taskId"], left, read)
 
 
 @router.get("", response_model=Envelope[list[TaskOut]], summary="List tasks, newest first")
