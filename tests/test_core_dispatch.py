@@ -181,3 +181,32 @@ async def test_a_full_node_claims_through_the_script_again(services: Services) -
     assert await s.dispatch.claim("g1", wait_s=0.3) == []
     assert (await s.tasks.get(b["taskId"]))["status"] == "QUEUED"
     assert await s.store.redis.hget(key, "streamId") == entry  # never read and put back
+
+
+async def test_the_reclaim_loop_trims_acknowledged_entries_and_keeps_pending_ones(
+    services: Services,
+) -> None:
+    """Claims acknowledge their entries and leave them; the reclaim script trims the stream
+    below the oldest entry still pending, so an entry delivered to a reader that died
+    before its claim survives until it is reclaimed."""
+    s = services
+    q = s.store.keys.queue(1, "NORMAL")
+    await s.gpus.register(GpuSpec("g1", [1], max_concurrent_tasks=10))
+    done = [(await s.tasks.create(NewTask(1, f"t{i}")))["taskId"] for i in range(3)]
+    assert len(await s.dispatch.claim("g1")) == 3
+    # A reader that took the next entry and died before its claim script.
+    orphan = (await s.tasks.create(NewTask(1, "orphan")))["taskId"]
+    ((_, entries),) = await s.store.redis.xreadgroup("workers", "dead", {q: ">"}, count=1)
+    later = (await s.tasks.create(NewTask(1, "later")))["taskId"]
+    assert await s.store.redis.xlen(q) == 5  # acknowledged, not deleted
+    assert await s.store.scripts.call("reclaim_pending", q, 60_000, 500) == 0
+    left = [fields["id"] for _, fields in await s.store.redis.xrange(q)]
+    assert left == [orphan, later]  # trimmed below the pending entry
+    assert entries[0][1]["id"] == orphan
+    assert await s.store.scripts.call("reclaim_pending", q, 0, 500) == 1  # now reclaimed
+    await s.store.scripts.call("reclaim_pending", q, 0, 500)  # and trimmed behind it
+    left = [fields["id"] for _, fields in await s.store.redis.xrange(q)]
+    assert left == [later, orphan]  # the orphan's fresh entry at the tail
+    assert sorted(t["taskId"] for t in await s.dispatch.claim("g1")) == sorted([later, orphan])
+    for task_id in done:
+        assert (await s.tasks.get(task_id))["status"] == "PROCESSING"

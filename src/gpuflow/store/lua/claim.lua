@@ -11,8 +11,10 @@
 -- timeout, retryCount, maxRetries ('' for a missing one) in that order
 -- (core/dispatch.py: COMPACT_FIELDS).
 -- Per started task: one HMGET, one HSET, one SADD, the event (and with 'full' the HGETALL
--- of the reply); stream acks, deletes and dequeue counters go once per read, the index and
--- timer writes once per key and call (write_later in lib.lua).
+-- of the reply); stream acks and dequeue counters go once per read, the index and timer
+-- writes once per key and call (write_later in lib.lua). Acknowledged entries stay in the
+-- stream until the reclaim loop trims them (reclaim_pending.lua): an XDEL per entry cost
+-- more than the rest of the claim's stream work.
 local gpu = ARGV[3]
 local lease = tonumber(ARGV[4])
 local grace, fraction = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -33,12 +35,9 @@ if redis.call('EXISTS', k_lock(gpu)) == 1 then free = 0 end
 local exclusive_of = {}  -- taskType -> exclusive (read once per call)
 local dequeued = {}      -- qstat key -> entries taken out of its stream in this call
 
--- Acknowledge and delete a read's entries in one call each.
+-- Acknowledge a read's entries in one call.
 local function drop_entries(q, eids)
-  if #eids > 0 then
-    redis.call('XACK', q, GROUP, unpack(eids))
-    redis.call('XDEL', q, unpack(eids))
-  end
+  if #eids > 0 then redis.call('XACK', q, GROUP, unpack(eids)) end
 end
 
 local function is_exclusive(ttype)
@@ -85,7 +84,7 @@ local function start(id, tkey, t)
   if exclusive then free = 0 end
 end
 
--- One delivered entry (already acknowledged and deleted): start it, put it back, or skip
+-- One delivered entry (already acknowledged): start it, put it back, or skip
 -- it when the task moved on (canceled, started by push, requeued under a newer entry).
 local function take(eid, id)
   local tkey = k_task(id)

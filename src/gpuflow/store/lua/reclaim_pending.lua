@@ -1,7 +1,10 @@
 -- Leader loop: stream entries delivered to a GPU's consumer but never started (the reader
 -- died between its blocking read and the claim script) are taken back after ARGV[4] ms idle.
 -- ARGV[3] stream name, ARGV[5] max entries. A still-valid task gets a fresh entry at the
--- tail of its queue; stale entries are dropped. Returns the number of entries reclaimed.
+-- tail of its queue; stale entries are dropped. Then the stream is trimmed below its oldest
+-- entry still pending (or its group's last delivered one, when none is): every entry below
+-- that was delivered and acknowledged (the claim script leaves them there). Returns the
+-- number of entries reclaimed.
 local q = ARGV[3]
 local r = redis.call('XAUTOCLAIM', q, GROUP, 'gf-reclaimer', ARGV[4], '0-0', 'COUNT', ARGV[5])
 local n = 0
@@ -20,4 +23,17 @@ for _, e in ipairs(r[2]) do
     end
   end
 end
+
+local floor
+local pending = redis.call('XPENDING', q, GROUP)
+if tonumber(pending[1]) > 0 then
+  floor = pending[2]
+else
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', q)) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == GROUP then floor = info['last-delivered-id'] end
+  end
+end
+if floor then redis.call('XTRIM', q, 'MINID', floor) end
 return n
