@@ -210,4 +210,3 @@ async def test_the_reclaim_loop_trims_acknowledged_entries_and_keeps_pending_one
     assert sorted(t["taskId"] for t in await s.dispatch.claim("g1")) == sorted([later, orphan])
     for task_id in done:
         assert (await s.tasks.get(task_id))["status"] == "PROCESSING"
-
