@@ -85,6 +85,48 @@ async def test_exclusive_type_holds_the_gpu_alone(make_system: SystemFactory) ->
     assert (await maintenance.tick())["locks"] == 0
 
 
+async def test_an_exclusive_task_never_joins_one_started_in_the_same_claim(
+    make_system: SystemFactory,
+) -> None:
+    """The claim script adds started tasks to the GPU's running set only when it ends: an
+    exclusive task read after another one in the same call still sees that one running."""
+    system, _ = await make_system(lease_ms=60_000)
+    await system.task_types.put(TaskTypeConfig(9, exclusive=True))
+    await system.gpus.register(GpuSpec("g1", [1, 9], max_concurrent_tasks=3))
+    first = (await system.tasks.create(NewTask(1, "first", priority=5)))["taskId"]
+    solo = (await system.tasks.create(NewTask(9, "solo", priority=5)))["taskId"]
+    got = await system.dispatch.claim("g1")
+    assert [t["taskId"] for t in got] == [first]
+    assert (await system.tasks.get(solo))["status"] == "QUEUED"
+    assert (await system.gpus.lock("g1"))["locked"] is False
+    running = await system.store.redis.smembers(system.store.keys.gpu_running("g1"))
+    assert running == {first}
+
+
+async def test_a_batch_of_reports_releases_the_lock_of_its_holder_only(
+    make_system: SystemFactory,
+) -> None:
+    """One finish call reads each GPU's lock once: the holder's report releases it, a report
+    of another GPU's task in the same batch does not, and both leave the running sets."""
+    system, _ = await make_system(lease_ms=60_000)
+    await system.task_types.put(TaskTypeConfig(9, exclusive=True))
+    await system.gpus.register(GpuSpec("g1", [9]))
+    await system.gpus.register(GpuSpec("g2", [1], max_concurrent_tasks=2))
+    solo = (await system.tasks.create(NewTask(9, "solo")))["taskId"]
+    plain = [(await system.tasks.create(NewTask(1, str(i))))["taskId"] for i in range(2)]
+    assert len(await system.dispatch.claim("g1")) == 1
+    assert len(await system.dispatch.claim("g2")) == 2
+    ends = await asyncio.gather(
+        system.tasks.finish(plain[0], TaskStatus.COMPLETED, "a", attempt=1),
+        system.tasks.finish(solo, TaskStatus.COMPLETED, "b", attempt=1),
+        system.tasks.finish(plain[1], TaskStatus.FAILED, "c", attempt=1, retryable=False),
+    )
+    assert ends == [TaskStatus.COMPLETED, TaskStatus.COMPLETED, TaskStatus.FAILED]
+    assert (await system.gpus.lock("g1"))["locked"] is False
+    for gpu in ("g1", "g2"):
+        assert await system.store.redis.scard(system.store.keys.gpu_running(gpu)) == 0
+
+
 async def test_stale_and_expired_locks_are_released(make_system: SystemFactory) -> None:
     system, maintenance = await make_system(lease_ms=300)
     await system.task_types.put(TaskTypeConfig(9, exclusive=True))

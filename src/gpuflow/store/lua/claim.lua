@@ -10,9 +10,9 @@
 -- the values of taskId, taskType, attempt, gpuId, payload, priority, displayId, userId, app,
 -- timeout, retryCount, maxRetries ('' for a missing one) in that order
 -- (core/dispatch.py: COMPACT_FIELDS).
--- Per started task: one HMGET, one HSET, one SADD, the event (and with 'full' the HGETALL
--- of the reply); stream acks and dequeue counters go once per read, the index and timer
--- writes once per key and call (write_later in lib.lua). Acknowledged entries stay in the
+-- Per started task: one HMGET, one HSET, the event (and with 'full' the HGETALL of the
+-- reply); stream acks and dequeue counters go once per read, the index, timer and
+-- running-set writes once per key and call (write_later in lib.lua). Acknowledged entries stay in the
 -- stream until the reclaim loop trims them (reclaim_pending.lua): an XDEL per entry cost
 -- more than the rest of the claim's stream work.
 local gpu = ARGV[3]
@@ -53,7 +53,7 @@ local function start(id, tkey, t)
   local ttype = t[3]
   local exclusive = is_exclusive(ttype)
   if exclusive then
-    if redis.call('SCARD', running) > 0 then
+    if #started > 0 or redis.call('SCARD', running) > 0 then  -- started here: added later
       -- Needs the GPU alone: back to the queue; take nothing more so the GPU drains.
       enqueue(id, tkey)
       free = 0
@@ -72,7 +72,7 @@ local function start(id, tkey, t)
   redis.call(unpack(fields))
   zadd(P .. 'idx:gpu:' .. gpu, t[5], id)
   arm_timer_sets(id, now, lease, tonumber(t[7] or 0), grace, fraction)
-  redis.call('SADD', running, id)
+  sadd(running, id)
   emit('started', id, 'PROCESSING', {'gpuId', gpu})
   if compact then
     table.insert(started, {id, ttype, attempt, gpu, t[9] or '', t[10] or '', t[5], t[11] or '',

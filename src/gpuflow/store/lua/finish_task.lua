@@ -43,7 +43,7 @@ local function finish(id, attempt, gpu_arg, outcome, text, retryable, jitter)
     return {'CONFLICT', 'task runs on GPU ' .. gpu .. ', not ' .. gpu_arg}
   end
   clear_timers(id, gpu)
-  redis.call('SREM', k_running(gpu), id)
+  srem(k_running(gpu), id)
   local gkey = k_gpu(gpu)
   if outcome == 'COMPLETED' then
     move_index(id, 'PROCESSING', 'COMPLETED', t[6], t[5], now)

@@ -25,17 +25,35 @@ local TERMINAL = {COMPLETED = true, FAILED = true, TIMEOUT = true, CANCELED = tr
 local K_QUEUES = P .. 'queues'
 local GROUP = 'workers'
 
--- Sorted-set writes of the batch scripts (claim, finish_task): collected per key and sent as
--- one variadic ZADD / ZREM per key when the script ends (flush_later), instead of one call
--- per task: a Lua redis.call costs about as much as the command it runs. Other scripts leave
--- LATER nil and write at once. A batch script never adds and removes the same member of
--- one key (a task makes at most one transition per call), so the order of the flushed calls
--- changes nothing, and nothing reads these keys before the flush. A batch script flushes
+-- Sorted-set and running-set writes of the batch scripts (claim, finish_task): collected per
+-- key and sent as one variadic ZADD / ZREM / SADD / SREM per key when the script ends
+-- (flush_later), instead of one call per task: a Lua redis.call costs more than the command
+-- it runs. Other scripts leave LATER nil and write at once. A batch script never adds and
+-- removes the same member of one key (a task makes at most one transition per call), so the
+-- order of the flushed calls changes nothing, and nothing reads these keys before the flush
+-- (claim counts the tasks it started itself where it reads the running set). LATER.locks
+-- caches each GPU's exclusive-lock holder for the call (one GET per GPU, not per task). A batch script flushes
 -- even when a damaged record stops it (pcall), so that what it already did has its index
 -- and timer entries, as it would have with the writes made at once.
 local LATER = nil
 
-local function write_later() LATER = {add = {}, rem = {}} end
+local function write_later() LATER = {add = {}, rem = {}, sadd = {}, srem = {}, locks = {}} end
+
+local function later_member(map, key, member)
+  local t = map[key]
+  if not t then t = {}; map[key] = t end
+  t[#t + 1] = member
+end
+
+local function sadd(key, member)
+  if not LATER then return redis.call('SADD', key, member) end
+  later_member(LATER.sadd, key, member)
+end
+
+local function srem(key, member)
+  if not LATER then return redis.call('SREM', key, member) end
+  later_member(LATER.srem, key, member)
+end
 
 local function zadd(key, score, member)
   if not LATER then return redis.call('ZADD', key, score, member) end
@@ -52,9 +70,7 @@ end
 
 local function zrem(key, member)
   if not LATER then return redis.call('ZREM', key, member) end
-  local t = LATER.rem[key]
-  if not t then t = {}; LATER.rem[key] = t end
-  t[#t + 1] = member
+  later_member(LATER.rem, key, member)
 end
 
 local function flush_later()
@@ -66,6 +82,12 @@ local function flush_later()
   end
   for key, t in pairs(later.add) do
     for i = 1, #t, 2000 do redis.call('ZADD', key, unpack(t, i, math.min(i + 1999, #t))) end
+  end
+  for key, t in pairs(later.srem) do
+    for i = 1, #t, 1000 do redis.call('SREM', key, unpack(t, i, math.min(i + 999, #t))) end
+  end
+  for key, t in pairs(later.sadd) do
+    for i = 1, #t, 1000 do redis.call('SADD', key, unpack(t, i, math.min(i + 999, #t))) end
   end
 end
 
@@ -132,9 +154,21 @@ local function clear_timers(id, gpu)
   zrem(K_TIMEOUTS, id)
   zrem(K_WARNINGS, id)
   if gpu == nil then gpu = redis.call('HGET', k_task(id), 'gpuId') end
-  if gpu and gpu ~= '' and redis.call('GET', k_lock(gpu)) == id then
+  if not gpu or gpu == '' then return end
+  local holder
+  if LATER then
+    holder = LATER.locks[gpu]
+    if holder == nil then
+      holder = redis.call('GET', k_lock(gpu))
+      LATER.locks[gpu] = holder
+    end
+  else
+    holder = redis.call('GET', k_lock(gpu))
+  end
+  if holder == id then
     redis.call('DEL', k_lock(gpu))
     redis.call('ZREM', K_LOCKS, gpu)
+    if LATER then LATER.locks[gpu] = false end
   end
 end
 
