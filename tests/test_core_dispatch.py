@@ -210,3 +210,23 @@ async def test_the_reclaim_loop_trims_acknowledged_entries_and_keeps_pending_one
     assert sorted(t["taskId"] for t in await s.dispatch.claim("g1")) == sorted([later, orphan])
     for task_id in done:
         assert (await s.tasks.get(task_id))["status"] == "PROCESSING"
+
+
+async def test_a_started_attempt_shows_no_progress_of_the_one_before(
+    services: Services,
+) -> None:
+    """The claim does not reset progress itself: every way back to QUEUED does."""
+    s = services
+    await s.gpus.register(GpuSpec("g1", [1]))
+    task_id = (await s.tasks.create(NewTask(1, "x", max_retries=2)))["taskId"]
+    for back_to_queue in ("release", "retry"):
+        (t,) = await s.dispatch.claim("g1")
+        assert (t["progress"], t["progressMessage"]) == (0, None)
+        await s.tasks.report_progress(task_id, 60, "half", gpu_id="g1", attempt=t["attempt"])
+        assert (await s.tasks.get(task_id))["progress"] == 60
+        if back_to_queue == "release":
+            await s.tasks.requeue(task_id, attempt=t["attempt"])
+        else:
+            await s.tasks.finish(task_id, TaskStatus.FAILED, "e", attempt=t["attempt"])
+    (t,) = await s.dispatch.claim("g1")
+    assert (t["attempt"], t["progress"], t["progressMessage"]) == (3, 0, None)

@@ -64,9 +64,10 @@ local function start(id, tkey, t)
   end
   move_index(id, 'QUEUED', 'PROCESSING', t[5], ttype, now)
   local attempt = tonumber(t[8] or 0) + 1
-  local fields = {'HSET', tkey, 'status', 'PROCESSING', 'attempt', attempt,
-                  'gpuId', gpu, 'startedAt', now, 'updatedAt', now, 'progress', 0,
-                  'progressMessage', '', 'streamId', '', 'leaseDeadline', now + lease}
+  -- progress is 0 and progressMessage empty already: create sets one, and every way back
+  -- to QUEUED (requeue, retry_or_end in lib.lua) resets both.
+  local fields = {'HSET', tkey, 'status', 'PROCESSING', 'attempt', attempt, 'gpuId', gpu,
+                  'startedAt', now, 'updatedAt', now, 'streamId', '', 'leaseDeadline', now + lease}
   local ran = ran_on(t[6], gpu)
   if ran then table.insert(fields, 'ranOn'); table.insert(fields, ran) end
   redis.call(unpack(fields))
