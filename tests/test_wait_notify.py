@@ -175,3 +175,48 @@ async def test_the_own_pattern_escapes_the_namespace(redis_url: str, store: Stor
             assert await w.next(5) == "COMPLETED"
     finally:
         await hub.close()
+
+
+async def test_an_awaited_task_completes_with_its_view_in_the_note(
+    notifier: TaskNotifier, services: Services
+) -> None:
+    """A task created ``awaited`` carries its fields in its completion note (what
+    ``Tasks.get`` answers), so the request that awaits it needs no read; other tasks' notes
+    stay a bare status."""
+    from gpuflow.core.gpus import GpuSpec
+    from gpuflow.core.models import TaskStatus
+    from gpuflow.core.notify import settle
+    from gpuflow.core.tasks import view_from_note
+
+    s = services
+    await s.gpus.register(GpuSpec("gn", [5], max_concurrent_tasks=2))
+    await until(lambda: notifier.connected, "connected")
+    awaited, plain = notifier.own_task_id(), notifier.own_task_id()
+    async with notifier.watch(awaited) as w, notifier.watch(plain) as p:
+        await s.tasks.create(NewTask(5, '{"in": 1}'), task_id=awaited, awaited=True)
+        await s.tasks.create(NewTask(5, "x"), task_id=plain)
+        assert await w.next(5) == "QUEUED" and await p.next(5) == "QUEUED"
+        assert len(await s.dispatch.claim("gn")) == 2
+        assert await w.next(5) == "PROCESSING" and await p.next(5) == "PROCESSING"
+        await s.tasks.finish(awaited, TaskStatus.COMPLETED, '{"out": 2}', attempt=1)
+        await s.tasks.finish(plain, TaskStatus.COMPLETED, "y", attempt=1)
+        note = await w.next(5)
+        assert await p.next(5) == "COMPLETED"
+    assert note is not None
+    status, _, fields = note.partition("\n")
+    assert status == "COMPLETED"
+    assert view_from_note(fields) == await s.tasks.get(awaited)
+    assert view_from_note(fields)["result"] == '{"out": 2}'
+
+    reads = 0
+
+    async def read() -> dict[str, object]:
+        nonlocal reads
+        reads += 1
+        return await s.tasks.get(awaited)
+
+    async with notifier.watch(awaited) as w:
+        w.push(note)  # as the reader delivers it
+        loop = asyncio.get_running_loop()
+        view = await settle(w, loop.time() + 5, read, view_of=view_from_note)
+    assert view["status"] == "COMPLETED" and reads == 0

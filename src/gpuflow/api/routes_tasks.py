@@ -30,7 +30,7 @@ from gpuflow.core.errors import Forbidden, GpuflowError, InvalidInput
 from gpuflow.core.models import TERMINAL_STATUSES, TaskStatus, json_text
 from gpuflow.core.notify import TaskNotifier, settle
 from gpuflow.core.system import System
-from gpuflow.core.tasks import Idempotency, NewTask
+from gpuflow.core.tasks import Idempotency, NewTask, view_from_note
 
 router = APIRouter(prefix="/api/v2/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
 TaskId = Annotated[str, "task id"]
@@ -154,10 +154,10 @@ async def submit(
     # Watched before the task exists (an id of this process's own channels: no SUBSCRIBE to
     # wait for), so even a task that ends at once wakes this request.
     async with notifier.watch(task_id) as watch:
-        created = await system.tasks.create(new, idem, task_id)
+        created = await system.tasks.create(new, idem, task_id, awaited=True)
         read = partial(system.tasks.get, created["taskId"])
         if created["taskId"] == task_id:
-            return await settle(watch, deadline, read)
+            return await settle(watch, deadline, read, view_of=view_from_note)
     # An idempotent repeat: the first request's task, awaited like GET ?wait= does.
     left = max(deadline - asyncio.get_running_loop().time(), 0.0)
     return await notifier.until_final(created["taskId"], left, read)

@@ -72,8 +72,9 @@ class Watch:
             self._notes.put_nowait(note)  # a full queue already makes the reader re-read
 
     async def next(self, within: float) -> str | None:
-        """The next note (the task's new status, or :data:`RESYNC`), or None when
-        ``within`` seconds pass first. Not live, it waits at most :data:`FALLBACK_S`."""
+        """The next note (the task's new status, maybe followed by a newline and its fields
+        (``emit`` in lib.lua), or :data:`RESYNC`), or None when ``within`` seconds pass first.
+        Not live, it waits at most :data:`FALLBACK_S`."""
         if not self._notes.empty():
             return self._notes.get_nowait()
         if not self.live:
@@ -88,20 +89,27 @@ class Watch:
 
 
 async def settle(
-    watch: Watch, deadline: float, read: Read, view: dict[str, Any] | None = None
+    watch: Watch,
+    deadline: float,
+    read: Read,
+    view: dict[str, Any] | None = None,
+    view_of: Callable[[str], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """``read()`` once the watched task is final, or at the loop time ``deadline`` (its
     current state then). ``view``: a state read while ``watch`` was already live (None:
-    only a note has been seen so far, e.g. when the caller created the task itself)."""
+    only a note has been seen so far, e.g. when the caller created the task itself).
+    ``view_of``: what ``read()`` would answer, from the fields a final note carries (a
+    task created ``awaited``); such a note then needs no read."""
     loop = asyncio.get_running_loop()
     while view is None or view["status"] not in TERMINAL_STATUSES:
         left = deadline - loop.time()
         if left <= 0:
             break
         note = await watch.next(min(left, RESYNC_S))
-        if note and note not in TERMINAL_STATUSES:
+        status, _, fields = (note or "").partition("\n")
+        if status and status not in TERMINAL_STATUSES:
             continue  # progress, or back in the queue: nothing to answer yet
-        view = await read()
+        view = view_of(fields) if fields and view_of is not None else await read()
     return view if view is not None else await read()
 
 

@@ -9,6 +9,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from gpuflow.core.coalesce import Coalescer
 from gpuflow.core.errors import (
     Conflict,
@@ -67,6 +69,13 @@ def _raise_for(reply: list[Any], task_id: str) -> None:
 def new_task_id() -> str:
     """A fresh task id; a caller that must watch a task before it exists takes one first."""
     return f"task_{uuid.uuid4().hex}"
+
+
+def view_from_note(body: str) -> dict[str, Any]:
+    """The task view a completion note carries (``emit`` in lib.lua: the hash's fields as a
+    JSON array of field, value, ...), as :meth:`Tasks.get` gives it for a final task."""
+    flat = orjson.loads(body)
+    return task_view(dict(zip(flat[::2], flat[1::2], strict=True)))
 
 
 def first_set(*values: int | None) -> int:
@@ -134,11 +143,18 @@ class Tasks:
         return Tier.VIP if priority >= self.settings.vip_priority else Tier.NORMAL
 
     async def create(
-        self, new: NewTask, idempotency: Idempotency | None = None, task_id: str | None = None
+        self,
+        new: NewTask,
+        idempotency: Idempotency | None = None,
+        task_id: str | None = None,
+        *,
+        awaited: bool = False,
     ) -> dict[str, Any]:
         """Queue a task (under ``task_id`` when given: see :func:`new_task_id`). With
         ``idempotency``, a repeat of the same key and request within
-        ``GPUFLOW_IDEMPOTENCY_TTL_S`` returns the first task; another request: Conflict."""
+        ``GPUFLOW_IDEMPOTENCY_TTL_S`` returns the first task; another request: Conflict.
+        ``awaited``: the caller awaits it, so its completion note carries its fields
+        (:func:`view_from_note`)."""
         if len(new.payload.encode()) > self.settings.max_payload_bytes:
             raise PayloadTooLarge(f"payload is larger than {self.settings.max_payload_bytes} bytes")
         task_id = task_id or new_task_id()
@@ -147,6 +163,8 @@ class Tasks:
         max_retries = first_set(new.max_retries, cfg.max_retries, self.settings.default_max_retries)
         timeout = first_set(new.timeout, cfg.timeout, self.settings.default_timeout_ms)
         flat = task_fields(new, tier, max_retries, timeout)
+        if awaited:
+            flat += ["awaited", "1"]
         capacity = await self.gpus.capacity(new.task_type, tier)
         idem = (
             ("", "")

@@ -32,7 +32,7 @@ end
 local function finish(id, attempt, gpu_arg, outcome, text, retryable, jitter)
   local tkey = k_task(id)
   local t = redis.call('HMGET', tkey, 'status', 'attempt', 'gpuId', 'startedAt', 'taskType',
-                       'displayId')
+                       'displayId', 'awaited')
   if not t[1] then return {'NOTFOUND'} end
   if t[1] ~= 'PROCESSING' then return {'CONFLICT', 'task is ' .. t[1] .. ', not PROCESSING'} end
   if attempt ~= '' and attempt ~= t[2] then
@@ -56,7 +56,7 @@ local function finish(id, attempt, gpu_arg, outcome, text, retryable, jitter)
       if redis.call('EXISTS', gkey) == 1 then redis.call('HSET', gkey, 'taskFailureCount', 0) end
       clean[gpu] = true
     end
-    emit('completed', id, 'COMPLETED', {'gpuId', gpu})
+    emit('completed', id, 'COMPLETED', {'gpuId', gpu}, t[7] == '1' and tkey or nil)
     return {'OK', 'COMPLETED'}
   end
   fail_count(gpu, gkey, text)

@@ -103,14 +103,21 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local function emit(kind, id, status, extra)
+local function emit(kind, id, status, extra, view_of)
   local args = {'XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, '*',
                 'event', kind, 'taskId', id, 'status', status}
   if extra then for _, v in ipairs(extra) do table.insert(args, v) end end
   redis.call(unpack(args))
   -- Wake whoever awaits this task (long-poll, SSE): costs next to nothing when nobody
   -- listens. The channel name mirrors gpuflow/core/notify.py (TaskNotifier.channel).
-  if id ~= '' then redis.call('PUBLISH', P .. 'ev:' .. id, status) end
+  -- ``view_of`` (the task's key, for a final status of a task created by a request that
+  -- awaits it): the note also carries the task's fields, "<status>\n<JSON array of
+  -- field, value, ...>", so that request answers without reading the task again.
+  if id ~= '' then
+    local note = status
+    if view_of then note = status .. '\n' .. cjson.encode(redis.call('HGETALL', view_of)) end
+    redis.call('PUBLISH', P .. 'ev:' .. id, note)
+  end
 end
 
 -- Move a task between status indexes (idx:status:{s} and idx:st:{s}:{type}); the caller
