@@ -220,3 +220,7 @@ async def test_an_awaited_task_completes_with_its_view_in_the_note(
         loop = asyncio.get_running_loop()
         view = await settle(w, loop.time() + 5, read, view_of=view_from_note)
     assert view["status"] == "COMPLETED" and reads == 0
+    async with notifier.watch(awaited) as w:
+        w.push("COMPLETED\n[1, 2")  # a note it cannot read: it reads the task instead
+        view = await settle(w, loop.time() + 5, read, view_of=view_from_note)
+    assert view["status"] == "COMPLETED" and reads == 1

@@ -109,7 +109,12 @@ async def settle(
         status, _, fields = (note or "").partition("\n")
         if status and status not in TERMINAL_STATUSES:
             continue  # progress, or back in the queue: nothing to answer yet
-        view = view_of(fields) if fields and view_of is not None else await read()
+        view = None
+        if fields and view_of is not None:
+            with contextlib.suppress(ValueError, TypeError):  # a note it cannot read: read
+                view = view_of(fields)
+        if view is None:
+            view = await read()
     return view if view is not None else await read()
 
 
