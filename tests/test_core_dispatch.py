@@ -230,3 +230,16 @@ async def test_a_started_attempt_shows_no_progress_of_the_one_before(
             await s.tasks.finish(task_id, TaskStatus.FAILED, "e", attempt=t["attempt"])
     (t,) = await s.dispatch.claim("g1")
     assert (t["attempt"], t["progress"], t["progressMessage"]) == (3, 0, None)
+
+
+async def test_entries_of_a_blocking_read_start_in_priority_order(services: Services) -> None:
+    """A blocking read answers with the next entry of every non-empty stream; the claim
+    script takes each in its stream's turn, so VIP work queued later still goes first."""
+    s = services
+    await s.gpus.register(GpuSpec("g1", [1], max_concurrent_tasks=4))
+    await s.tasks.create(NewTask(1, "warm-up"))
+    assert len(await s.dispatch.claim("g1", wait_s=5)) == 1  # room 3: the shortcut is on
+    normal = (await s.tasks.create(NewTask(1, "n", priority=0)))["taskId"]
+    vips = [(await s.tasks.create(NewTask(1, f"v{i}", priority=5)))["taskId"] for i in range(2)]
+    got = await s.dispatch.claim("g1", wait_s=5)
+    assert [t["taskId"] for t in got] == [*vips, normal]

@@ -185,3 +185,25 @@ async def test_lock_and_alert_endpoints(api_server: ApiServer) -> None:
         stats = (await c.get("/api/v2/monitoring/alerts/stats")).json()["data"]
         assert stats["total_alerts"] == 0
         assert (await c.post("/api/v2/monitoring/alerts/alert_x/acknowledge")).status_code == 404
+
+
+async def test_a_broken_queue_key_does_not_stop_the_others_trim(
+    make_system: SystemFactory,
+) -> None:
+    """The reclaim step goes on past a queue it cannot read (a key of another type) and
+    forgets one that was deleted; the healthy queue is still trimmed."""
+    system, maintenance = await make_system(lease_ms=60_000)
+    redis, keys = system.store.redis, system.store.keys
+    await system.gpus.register(GpuSpec("g1", [1], max_concurrent_tasks=5))
+    for i in range(3):
+        await system.tasks.create(NewTask(1, str(i)))
+    assert len(await system.dispatch.claim("g1")) == 3
+    queue = keys.queue(1, "NORMAL")
+    assert await redis.xlen(queue) == 3  # acknowledged, not yet trimmed
+    bogus, gone = keys.queue(77, "NORMAL"), keys.queue(78, "NORMAL")
+    await redis.set(bogus, "not a stream")
+    await redis.sadd(keys.queues, bogus, gone)
+    await maintenance.tick()
+    assert await redis.xlen(queue) <= 1  # the group's last delivered entry may stay
+    assert not await redis.sismember(keys.queues, gone)
+    assert await redis.sismember(keys.queues, bogus)  # kept: reported, not dropped

@@ -224,3 +224,22 @@ async def test_an_awaited_task_completes_with_its_view_in_the_note(
         w.push("COMPLETED\n[1, 2")  # a note it cannot read: it reads the task instead
         view = await settle(w, loop.time() + 5, read, view_of=view_from_note)
     assert view["status"] == "COMPLETED" and reads == 1
+
+
+async def test_a_big_result_leaves_the_fields_out_of_the_note(
+    notifier: TaskNotifier, services: Services
+) -> None:
+    """Past 64 KB the completion note is a bare status: the waiter reads the task."""
+    from gpuflow.core.gpus import GpuSpec
+    from gpuflow.core.models import TaskStatus
+
+    s = services
+    await s.gpus.register(GpuSpec("gb", [6]))
+    await until(lambda: notifier.connected, "connected")
+    task_id = notifier.own_task_id()
+    async with notifier.watch(task_id) as w:
+        await s.tasks.create(NewTask(6, "x"), task_id=task_id, awaited=True)
+        assert len(await s.dispatch.claim("gb")) == 1
+        await s.tasks.finish(task_id, TaskStatus.COMPLETED, "r" * 70_000, attempt=1)
+        notes = [await w.next(5) for _ in range(3)]
+    assert notes == ["QUEUED", "PROCESSING", "COMPLETED"]

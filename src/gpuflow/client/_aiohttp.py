@@ -38,10 +38,11 @@ class AiohttpSender:
         connect_s: float,
         read_s: float,
     ) -> httpx.Response:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(headers=self._headers)
-        url = self._base_url + path
-        timeout = aiohttp.ClientTimeout(sock_connect=connect_s, sock_read=read_s)
+        if self._session is None:  # trust_env: proxies from the environment, as httpx
+            self._session = aiohttp.ClientSession(headers=self._headers, trust_env=True)
+        url = self._base_url + (path if path.startswith("/") else "/" + path)
+        # connect: a free connection and the connection itself, as httpx's pool + connect.
+        timeout = aiohttp.ClientTimeout(connect=connect_s, sock_connect=connect_s, sock_read=read_s)
         with map_aiohttp_exceptions():
             async with self._session.request(
                 method, url, params=params, json=body, timeout=timeout, allow_redirects=False

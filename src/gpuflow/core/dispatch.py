@@ -6,10 +6,11 @@ node, not all of them. The entry it received is passed into the claim script, wh
 it (or puts it back when the node is no longer able to take it) atomically.
 
 A claim first runs the script without a read (it sees a busy or faulty node before taking an
-entry it could not run), except right after a claim that left the node free capacity: that
-one read its streams until they were empty, so the next goes straight to the blocking read,
-which answers at once if an entry came meanwhile. An idle node's cycle (wake, start, report,
-wait) is then one script call, not two.
+entry it could not run), except right after a claim that left room for one task per stream:
+that one read its streams until they were empty, so the next goes straight to the blocking
+read, which answers at once if entries came meanwhile (at most one per stream, all of which
+fit, and the script takes them in priority order). An idle node's cycle (wake, start,
+report, wait) is then one script call, not two.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class Dispatcher:
         if gpu_id not in self._drained or wait_s <= 0 or recover:
             free, started = await self._claim(gpu_id, streams, [], recover, compact)
             if started or wait_s <= 0:
-                self._note(gpu_id, free)
+                self._note(gpu_id, free, streams)
                 return started
             if free <= 0:  # busy, locked, or not ACTIVE (the script looks)
                 self._drained.discard(gpu_id)
@@ -166,12 +167,13 @@ class Dispatcher:
         if not pre:
             return []
         free, started = await self._claim(gpu_id, streams, pre, False, compact)
-        self._note(gpu_id, free)
+        self._note(gpu_id, free, streams)
         return started
 
-    def _note(self, gpu_id: str, free: int) -> None:
-        """After a claim: free capacity left means the script read the streams empty."""
-        if free <= 0:
+    def _note(self, gpu_id: str, free: int, streams: list[str]) -> None:
+        """After a claim: room left means the script read the streams empty; the next claim
+        may skip the script when that room takes one entry of each stream."""
+        if free < len(streams):
             self._drained.discard(gpu_id)
             return
         if len(self._drained) >= MAX_DRAINED:

@@ -13,6 +13,8 @@ import logging
 import random
 import time
 
+from redis.exceptions import ResponseError
+
 from gpuflow.core.leader import Leadership
 from gpuflow.core.system import System
 
@@ -84,11 +86,14 @@ class Maintenance:
         for queue in await store.redis.smembers(store.keys.queues):
             if not self.leadership.is_leader:
                 break
-            total += int(
-                await store.scripts.call(
-                    "reclaim_pending", queue, self.settings.reclaim_idle_ms, BATCH
+            try:  # one broken stream must not stop the others' reclaim and trim
+                total += int(
+                    await store.scripts.call(
+                        "reclaim_pending", queue, self.settings.reclaim_idle_ms, BATCH
+                    )
                 )
-            )
+            except ResponseError as exc:
+                log.warning("reclaim of %s failed: %s", queue, exc)
         return total
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -79,6 +79,7 @@ class RedisTransport:
         self.dispatcher = Dispatcher(store, self.gpus, self._blocking)
         self._owns_store = owns_store
         self.op_timeout_s = op_timeout_s
+        self._reset_at = float("-inf")
 
     @classmethod
     def connect(
@@ -101,8 +102,13 @@ class RedisTransport:
             await self._no_answer()
 
     async def _no_answer(self) -> NoReturn:
-        log.warning("Redis did not answer in %.1f s; reconnecting", self.op_timeout_s)
-        await self.reset()
+        """A call ran past its deadline: drop every connection, once for all the calls
+        (e.g. a batch of reports) that give up together."""
+        now = asyncio.get_running_loop().time()
+        if now - self._reset_at > 1.0:
+            self._reset_at = now
+            log.warning("Redis did not answer in %.1f s; reconnecting", self.op_timeout_s)
+            await self.reset()
         raise TransportError(f"Redis: no answer within {self.op_timeout_s:g} s") from None
 
     async def reset(self) -> None:

@@ -116,11 +116,23 @@ end
 -- Everything after write_later runs under pcall so that the collected index and timer
 -- writes of the tasks already started are flushed even when a damaged record stops
 -- the call: a started task always has its lease entry (expire_leases reaps it).
+-- The pre-delivered entries are taken in their stream's turn (a blocking read answers with
+-- the next entry of every non-empty stream): a lower tier's entry never starts before the
+-- higher tier's queue is empty or the GPU is full.
+local pre = {}  -- stream -> {{entryId, taskId}, ...}
+local function take_pre(q)
+  for _, e in ipairs(pre[q] or {}) do
+    drop_entries(q, {e[1]})
+    take(e[1], e[2])
+  end
+  pre[q] = nil
+end
+
 local function run()
   for i = 0, npre - 1 do
-    local q, eid, id = ARGV[10 + 3 * i], ARGV[11 + 3 * i], ARGV[12 + 3 * i]
-    drop_entries(q, {eid})
-    take(eid, id)
+    local q = ARGV[10 + 3 * i]
+    pre[q] = pre[q] or {}
+    table.insert(pre[q], {ARGV[11 + 3 * i], ARGV[12 + 3 * i]})
   end
 
   local first = 10 + 3 * npre
@@ -132,6 +144,7 @@ local function run()
   end
   for i = first, #ARGV do
     local q = ARGV[i]
+    take_pre(q)
     local rounds = 0
     while free > 0 and rounds < 50 do
       rounds = rounds + 1
@@ -140,6 +153,7 @@ local function run()
       take_all(q, r[1][2])
     end
   end
+  for q in pairs(pre) do take_pre(q) end  -- of a stream the node no longer reads
   for sk, count in pairs(dequeued) do redis.call('HINCRBY', sk, 'deq', count) end
 end
 local ok, err = pcall(run)

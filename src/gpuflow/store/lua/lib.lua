@@ -112,10 +112,14 @@ local function emit(kind, id, status, extra, view_of)
   -- listens. The channel name mirrors gpuflow/core/notify.py (TaskNotifier.channel).
   -- ``view_of`` (the task's key, for a final status of a task created by a request that
   -- awaits it): the note also carries the task's fields, "<status>\n<JSON array of
-  -- field, value, ...>", so that request answers without reading the task again.
+  -- field, value, ...>", so that request answers without reading the task again; not past
+  -- 64 KB (a big result would fill the subscribers' output buffers: they read it instead).
   if id ~= '' then
     local note = status
-    if view_of then note = status .. '\n' .. cjson.encode(redis.call('HGETALL', view_of)) end
+    if view_of then
+      local fields = cjson.encode(redis.call('HGETALL', view_of))
+      if #fields <= 65536 then note = status .. '\n' .. fields end
+    end
     redis.call('PUBLISH', P .. 'ev:' .. id, note)
   end
 end

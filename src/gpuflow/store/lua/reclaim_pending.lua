@@ -6,6 +6,10 @@
 -- that was delivered and acknowledged (the claim script leaves them there). Returns the
 -- number of entries reclaimed.
 local q = ARGV[3]
+if redis.call('EXISTS', q) == 0 then  -- deleted by hand: forgotten until a task needs it again
+  redis.call('SREM', K_QUEUES, q)
+  return 0
+end
 local r = redis.call('XAUTOCLAIM', q, GROUP, 'gf-reclaimer', ARGV[4], '0-0', 'COUNT', ARGV[5])
 local n = 0
 for _, e in ipairs(r[2]) do
