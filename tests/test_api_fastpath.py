@@ -217,3 +217,31 @@ async def test_create_fast_path_answers_as_the_route(
         status, body = await _create(fast, case["wait runs out"])
         assert status == 200 and body["data"]["status"] == "QUEUED" and "payload" in body["data"]
     assert getattr(route_server.app.state, "fast_creates", 0) == 0
+
+
+async def test_fast_paths_answer_503_as_the_routes_while_redis_is_down(settings: Settings) -> None:
+    """With Redis unreachable during the key lookup, both fast paths answer what the routes
+    answer: 503 in the envelope, with Retry-After."""
+    from .test_client_support import closed_port_url
+
+    nowhere = closed_port_url().replace("http://", "redis://")
+    fast = start_api(settings, nowhere)
+    route = start_api(settings, nowhere, fast_paths=False)
+    headers = {"X-API-Key": "gf_worker_unknown-to-any-cache"}
+
+    async def ask(server: ApiServer, path: str, body: Any) -> tuple[int, int, str | None]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            r = await c.post(path, json=body, headers=headers)
+        return r.status_code, r.json()["code"], r.headers.get("Retry-After")
+
+    try:
+        calls = [("/api/v2/gpus/g1/heartbeat", None), ("/api/v2/tasks", {"taskType": 1})]
+        got = await asyncio.gather(
+            *(ask(server, path, body) for server in (fast, route) for path, body in calls)
+        )
+        assert got == [(503, 503, "1")] * 4
+        assert getattr(fast.app.state, "fast_heartbeats", 0) == 0
+        assert getattr(fast.app.state, "fast_creates", 0) == 0
+    finally:
+        fast.stop()
+        route.stop()
