@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gpuflow.api.deps import credential
 from gpuflow.api.envelope import envelope, error_for
 from gpuflow.api.schemas import HeartbeatIn
-from gpuflow.core.apikeys import Role
+from gpuflow.core.apikeys import Principal, Role
 from gpuflow.core.system import System
 
 PREFIX = "/api/v2/gpus/"
@@ -53,17 +53,10 @@ class HeartbeatFastPath:
             return
         state = scope["app"].state
         system: System = state.system
-        try:
-            principal = await system.keys.lookup(key)
-        except Exception as exc:
-            await error_for(exc)(scope, receive, send)  # the route's answer (503 if Redis is down)
+        taken = await authorized_body(self.app, scope, receive, send, key, ROLES)
+        if taken is None:
             return
-        if principal is None or principal.role not in ROLES:
-            await self.app(scope, receive, send)  # the route answers 401 / 403
-            return
-        body = await read_body(receive)
-        if body is None:
-            return  # the client went away
+        _, body = taken
         running: dict[str, int] | None = None
         if body:
             try:
@@ -74,6 +67,28 @@ class HeartbeatFastPath:
             running = {t.taskId: t.attempt for t in beat.running}
         state.fast_heartbeats = getattr(state, "fast_heartbeats", 0) + 1
         await (await _beat(system, gpu_id, running))(scope, receive, send)
+
+
+async def authorized_body(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, key: str, roles: frozenset[Role]
+) -> tuple[Principal, bytes] | None:
+    """The caller's principal and the request body, for a key of one of ``roles``; None
+    once the request is answered: 503 as the route would when the lookup fails, the route
+    itself for an unknown key or another role (its 401 / 403), nothing when the client
+    went away. Shared by the fast paths."""
+    system: System = scope["app"].state.system
+    try:
+        principal = await system.keys.lookup(key)
+    except Exception as exc:
+        await error_for(exc)(scope, receive, send)  # the route's answer (503 if Redis is down)
+        return None
+    if principal is None or principal.role not in roles:
+        await app(scope, receive, send)  # the route answers 401 / 403
+        return None
+    body = await read_body(receive)
+    if body is None:
+        return None  # the client went away
+    return principal, body
 
 
 def _heartbeat_gpu(scope: Scope) -> str | None:

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpuflow.api.envelope import envelope, error_for
-from gpuflow.api.fastpath import MAX_BODY, read_body, read_headers, replay
+from gpuflow.api.fastpath import MAX_BODY, authorized_body, read_headers, replay
 from gpuflow.api.routes_tasks import MAX_WAIT_S, new_task_of, submit
 from gpuflow.api.schemas import TaskCreate
 from gpuflow.core.apikeys import Role
@@ -69,17 +69,10 @@ class CreateFastPath:
             return
         state = scope["app"].state
         system: System = state.system
-        try:
-            principal = await system.keys.lookup(key)
-        except Exception as exc:
-            await error_for(exc)(scope, receive, send)  # the route's answer (503 if Redis is down)
+        taken = await authorized_body(self.app, scope, receive, send, key, ROLES)
+        if taken is None:
             return
-        if principal is None or principal.role not in ROLES:
-            await self.app(scope, receive, send)  # the route answers 401 / 403
-            return
-        body = await read_body(receive)
-        if body is None:
-            return  # the client went away
+        principal, body = taken
         try:
             task = TaskCreate.model_validate_json(body)
         except ValidationError:

@@ -70,7 +70,8 @@ class Dispatcher:
         self.blocking = blocking
         self._streams: TtlCache[str, list[str]] = TtlCache(STREAMS_TTL_S, self._read_streams)
         self._generation = gpus.generation
-        #: GPUs whose last claim left them free capacity: their streams were read empty.
+        #: GPUs whose last claim read their streams empty and left room for one task per
+        #: stream: their next claim may go straight to the blocking read (``_note``).
         self._drained: set[str] = set()
 
     async def _node_streams(self, gpu_id: str) -> list[str]:

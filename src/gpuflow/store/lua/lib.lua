@@ -62,10 +62,8 @@ local function zadd(key, score, member)
   if not tonumber(score) then
     error('bad score ' .. tostring(score) .. ' for ' .. tostring(member) .. ' in ' .. key)
   end
-  local t = LATER.add[key]
-  if not t then t = {}; LATER.add[key] = t end
-  t[#t + 1] = score
-  t[#t + 1] = member
+  later_member(LATER.add, key, score)
+  later_member(LATER.add, key, member)
 end
 
 local function zrem(key, member)
@@ -73,22 +71,24 @@ local function zrem(key, member)
   later_member(LATER.rem, key, member)
 end
 
+-- One variadic ``cmd`` per key of ``map`` and per ``per_call`` arguments (even for ZADD's
+-- score, member pairs), so that no call unpacks more than Lua's stack allows.
+local function send_later(cmd, map, per_call)
+  for key, t in pairs(map) do
+    for i = 1, #t, per_call do
+      redis.call(cmd, key, unpack(t, i, math.min(i + per_call - 1, #t)))
+    end
+  end
+end
+
 local function flush_later()
   if not LATER then return end
   local later = LATER
   LATER = nil
-  for key, t in pairs(later.rem) do
-    for i = 1, #t, 1000 do redis.call('ZREM', key, unpack(t, i, math.min(i + 999, #t))) end
-  end
-  for key, t in pairs(later.add) do
-    for i = 1, #t, 2000 do redis.call('ZADD', key, unpack(t, i, math.min(i + 1999, #t))) end
-  end
-  for key, t in pairs(later.srem) do
-    for i = 1, #t, 1000 do redis.call('SREM', key, unpack(t, i, math.min(i + 999, #t))) end
-  end
-  for key, t in pairs(later.sadd) do
-    for i = 1, #t, 1000 do redis.call('SADD', key, unpack(t, i, math.min(i + 999, #t))) end
-  end
+  send_later('ZREM', later.rem, 1000)
+  send_later('ZADD', later.add, 2000)
+  send_later('SREM', later.srem, 1000)
+  send_later('SADD', later.sadd, 1000)
 end
 
 -- The message of what pcall caught: a Lua error (a string) or a failed redis.call (a table
