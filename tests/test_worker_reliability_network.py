@@ -174,6 +174,17 @@ class FreezingProxy:
             await self._server.wait_closed()
 
 
+@asynccontextmanager
+async def frozen_later(redis_url: str) -> AsyncIterator[tuple[FreezingProxy, str]]:
+    """A FreezingProxy to ``redis_url`` and the URL through it; closed at the end (its
+    counters stay readable)."""
+    proxy = FreezingProxy(redis_url)
+    try:
+        yield proxy, await proxy.start()
+    finally:
+        await proxy.close()
+
+
 async def wait_blocked_read(store: Store) -> None:
     for _ in range(500):
         clients = await store.redis.client_list()
@@ -190,24 +201,20 @@ async def test_claims_resume_after_connections_die_silently(
     """Every connection of the worker stops answering without being closed (its blocking
     XREADGROUP would wait forever): the call deadline drops them and the worker reconnects."""
     settings = fast_settings(namespace, tmp_path)
-    proxy = FreezingProxy(redis_url)
-    proxied = await proxy.start()
-    try:
-        async with (
-            own_store(redis_url, settings) as store,
-            redis_transport(proxied, settings, op_timeout_s=1.0) as transport,
-            running(agent(transport, nodes([14]), claim_wait_s=0.5)),
-        ):
-            tasks = Tasks(store, Gpus(store))
-            before = await create(tasks, 14, "before")
-            await wait_status(store, [before])
-            await wait_blocked_read(store)  # the worst moment: its claim waits in Redis
-            frozen = proxy.freeze()
-            assert frozen >= 2  # at least the command pool's and the blocking read's
-            after = await create(tasks, 14, "after")
-            done = await wait_status(store, [after], within_s=15)
-    finally:
-        await proxy.close()
+    async with (
+        frozen_later(redis_url) as (proxy, proxied),
+        own_store(redis_url, settings) as store,
+        redis_transport(proxied, settings, op_timeout_s=1.0) as transport,
+        running(agent(transport, nodes([14]), claim_wait_s=0.5)),
+    ):
+        tasks = Tasks(store, Gpus(store))
+        before = await create(tasks, 14, "before")
+        await wait_status(store, [before])
+        await wait_blocked_read(store)  # the worst moment: its claim waits in Redis
+        frozen = proxy.freeze()
+        assert frozen >= 2  # at least the command pool's and the blocking read's
+        after = await create(tasks, 14, "after")
+        done = await wait_status(store, [after], within_s=15)
     assert done[after]["result"] == "raw:after"
     assert proxy.accepted > frozen  # through new connections
 
@@ -223,27 +230,23 @@ async def test_a_report_on_a_dead_connection_fails_by_its_deadline_then_lands(
     from gpuflow.worker.transport import TransportError
 
     settings = fast_settings(namespace, tmp_path)
-    proxy = FreezingProxy(redis_url)
-    proxied = await proxy.start()
-    try:
-        async with (
-            own_store(redis_url, settings) as store,
-            redis_transport(proxied, settings, op_timeout_s=0.5) as transport,
-        ):
-            tasks = Tasks(store, Gpus(store))
-            await Gpus(store).register(GpuSpec("gd", [14]))
-            task_id = await create(tasks, 14, "x")
-            (claimed,) = await transport.claim("gd", 0)
-            proxy.freeze()
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            with pytest.raises(TransportError, match=r"no answer within 0\.5 s"):
-                await transport.complete(claimed, "late")
-            assert loop.time() - started < 3
-            await transport.complete(claimed, "through")  # on a fresh connection
-            assert (await tasks.get(task_id))["result"] == "through"
-    finally:
-        await proxy.close()
+    async with (
+        frozen_later(redis_url) as (proxy, proxied),
+        own_store(redis_url, settings) as store,
+        redis_transport(proxied, settings, op_timeout_s=0.5) as transport,
+    ):
+        tasks = Tasks(store, Gpus(store))
+        await Gpus(store).register(GpuSpec("gd", [14]))
+        task_id = await create(tasks, 14, "x")
+        (claimed,) = await transport.claim("gd", 0)
+        proxy.freeze()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TransportError, match=r"no answer within 0\.5 s"):
+            await transport.complete(claimed, "late")
+        assert loop.time() - started < 3
+        await transport.complete(claimed, "through")  # on a fresh connection
+        assert (await tasks.get(task_id))["result"] == "through"
 
 
 def _free_port() -> int:
