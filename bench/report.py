@@ -207,10 +207,14 @@ _Written by `bench/run.py`; do not edit by hand (rerun it)._
   (defaults 0.5 s); Celery (Redis result backend, pub/sub), RQ (`latest_result(timeout)`,
   blocking stream read), dramatiq (`Results` middleware, blocking) and BullMQ
   (`waitUntilFinished`, stream events) are notified.
-- **Heartbeats** (`--scale`): 10,000 registered GPUs beat at 2,000/s for 30 s, straight to
-  Redis as the Python agent does and over HTTP as other nodes do, 64 keep-alive connections;
-  the api process's CPU. The floor row is the same load against uvicorn serving a raw ASGI
-  app that does nothing (`bench/floor_app.py`): no route of any ASGI app costs less here.
+- **Heartbeats** (`--scale`): 10,000 registered GPUs beat every 5 s (2,000 beats/s) for 30 s:
+  straight to Redis as the Python agent does; over HTTP as `gpuflow worker --api-url` sends
+  them, one `POST /api/v2/gpus/heartbeats` per 8-GPU box (250 requests/s, the target row);
+  and one `POST /api/v2/gpus/{id}/heartbeat` per GPU (2,000 requests/s, the seed's endpoint
+  for other clients, shown); up to 64 in flight on 64 keep-alive connections; the api
+  process's CPU. The floor
+  rows are the same loads against uvicorn serving a raw ASGI app that does nothing
+  (`bench/floor_app.py`): no route of any ASGI app costs less here.
 - Every peer is installed in its own virtual environment under `bench/.work/venvs/` (BullMQ with
   npm under `bench/.work/node/`), each starts from an empty Redis (`FLUSHALL`). Logs of every
   process are in `bench/.work/logs/`.

@@ -4,6 +4,7 @@
     python -m bench.scale --tasks 200000        # smaller second population
     python -m bench.scale --redis-url redis://127.0.0.1:6379/13   # FLUSHES that database
     python -m bench.scale --memory-only         # memory per task only
+    python -m bench.scale --beats-only          # heartbeat CPU only
 
 Everything runs against a private Redis (a fresh embedded one, gpuflow's own config, unless
 ``--redis-url``) and real ``gpuflow api`` processes:
@@ -19,10 +20,12 @@ Everything runs against a private Redis (a fresh embedded one, gpuflow's own con
 * **heartbeat CPU**: 10,000 GPUs registered; for ``--duration`` s they heartbeat at 2,000/s
   (each GPU every 5 s) (a) as the Redis agent does, ``heartbeat_gpu`` straight to Redis
   through ``Gpus.heartbeat``, while a ``gpuflow api`` process leads and runs its
-  maintenance loop, and (b) through ``POST /api/v2/gpus/{id}/heartbeat``. The api process's
-  CPU (user + system, psutil) over the window, as % of one core. Then (c) the same load
-  against ``bench/floor_app.py`` (uvicorn and a raw ASGI app that does nothing): the floor
-  of any HTTP route on this machine, for scale.
+  maintenance loop, (b) over HTTP as the agent sends them, one ``POST
+  /api/v2/gpus/heartbeats`` per 8-GPU agent (250 requests/s), and (c) one ``POST
+  /api/v2/gpus/{id}/heartbeat`` per GPU (2,000 requests/s). The api process's CPU (user +
+  system, psutil) over the window, as % of one core. Then the HTTP loads against
+  ``bench/floor_app.py`` (uvicorn and a raw ASGI app that does nothing): the floor of any
+  HTTP route on this machine at those request rates, for scale.
 
 ``scale_rows()`` returns the rows (name, value, unit, target, verdict) for bench/run.py.
 """
@@ -31,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from typing import NamedTuple
 
 import psutil
@@ -61,6 +66,15 @@ LIST_TARGET_MS = 50.0
 CPU_TARGET = 25.0  # % of one core
 GPUS = 10_000
 BEAT_RATE = 2000  # heartbeats per second (10,000 GPUs every 5 s)
+#: Heartbeats (or heartbeat requests) in flight at most, one keep-alive connection each.
+IN_FLIGHT = 64
+GPUS_PER_AGENT = 8  # an 8-GPU box: its agent beats for all eight in one request
+#: The HTTP heartbeat runs: (GPUs per request, row name, CPU target). The agent's shape
+#: carries the target; one request per GPU (the seed's endpoint, for other clients) is shown.
+HTTP_BEATS = (
+    (GPUS_PER_AGENT, f"heartbeats via HTTP, agents of {GPUS_PER_AGENT} GPUs", CPU_TARGET),
+    (1, "heartbeats via HTTP, one request per GPU", None),
+)
 # Per task type: share of its tasks (completed, failed, timed out) finished, then canceled.
 FINISH = {1: (0.6, 0.15, 0.05), 2: (0.5, 0.1, 0.0), 3: (0.3, 0.05, 0.05), 4: (0.1, 0.0, 0.0),
           5: (0.0, 0.0, 0.0)}  # fmt: skip
@@ -201,7 +215,8 @@ async def time_lists(port: int, calls: int) -> dict[str, tuple[float, float]]:
 
 async def paced(rate: int, seconds: float, send: Callable[[int], Awaitable[None]]) -> float:
     """Call ``send(i)`` for i = 0, 1, ... at ``rate`` per second (in 10 ms ticks) for
-    ``seconds``, at most 64 calls in flight; returns the rate of calls that succeeded."""
+    ``seconds``, at most ``IN_FLIGHT`` calls in flight; returns the rate of calls that
+    succeeded."""
     start = time.monotonic()
     sent = ok = 0
     pending: set[asyncio.Task[None]] = set()
@@ -217,7 +232,7 @@ async def paced(rate: int, seconds: float, send: Callable[[int], Awaitable[None]
 
     while (now := time.monotonic()) - start < seconds:
         due = int((now - start) * rate)
-        while sent < due and len(pending) < 64:
+        while sent < due and len(pending) < IN_FLIGHT:
             task = asyncio.create_task(one(sent))
             pending.add(task)
             task.add_done_callback(pending.discard)
@@ -245,23 +260,39 @@ async def _done(call: Awaitable[object]) -> None:
     await call
 
 
-async def beat_http(port: int, seconds: float, conns: int = 64) -> float:
+async def beat_http(
+    port: int, seconds: float, per_request: int = 1, conns: int = IN_FLIGHT
+) -> float:
+    """Every GPU beats every 5 s over HTTP: one ``POST /api/v2/gpus/{id}/heartbeat`` per
+    GPU (``per_request`` 1, the seed's endpoint), or as the agent sends them, one ``POST
+    /api/v2/gpus/heartbeats`` for its ``per_request`` GPUs. Returns requests served/s."""
     pool: asyncio.Queue[Http] = asyncio.Queue()
     for _ in range(conns):
         pool.put_nowait(Http(port))
 
+    def request(i: int) -> tuple[str, bytes]:
+        if per_request == 1:
+            return f"/api/v2/gpus/bench-gpu-{i % GPUS}/heartbeat", b'{"running":[]}'
+        first = i * per_request
+        beats = [{"gpuId": f"bench-gpu-{(first + j) % GPUS}", "running": []}
+                 for j in range(per_request)]  # fmt: skip
+        return "/api/v2/gpus/heartbeats", json.dumps({"beats": beats}).encode()
+
     async def send(i: int) -> None:
         http = await pool.get()
         try:
-            path = f"/api/v2/gpus/bench-gpu-{i % GPUS}/heartbeat"
-            status, body = await http.request("POST", path, b'{"running":[]}')
+            path, body = request(i)
+            status, answer = await http.request("POST", path, body)
             if status != 200:
-                raise RuntimeError(f"POST {path}: {status} {body[:200]!r}")
+                raise RuntimeError(f"POST {path}: {status} {answer[:200]!r}")
+            data = json.loads(answer)["data"]  # the floor app answers one fixed object
+            if isinstance(data, list) and any(b["code"] != 200 for b in data):
+                raise RuntimeError(f"POST {path}: a beat refused: {answer[:200]!r}")
         finally:
             pool.put_nowait(http)
 
     try:
-        return await paced(BEAT_RATE, seconds, send)
+        return await paced(BEAT_RATE // per_request, seconds, send)
     finally:
         while not pool.empty():
             await pool.get_nowait().close()
@@ -332,21 +363,50 @@ def _list_and_beats(
         for combo, (p50, p99) in asyncio.run(time_lists(port, calls)).items():
             rows.append(_row(f"list {combo} p50", p50, "ms", None))
             rows.append(_row(f"list {combo} p99", p99, "ms", LIST_TARGET_MS))
-        register_gpus(loader, GPUS)  # every GPU fresh again (ACTIVE, recent heartbeat)
-        _log(f"heartbeats: {BEAT_RATE}/s direct to Redis for {seconds:g} s")
-        cpu, rate = api_cpu(proc, lambda: asyncio.run(beat_direct(url, settings, seconds)))
-        rows.append(_row("heartbeats via Redis: api CPU", cpu, "% core", CPU_TARGET, strict=True))
-        rows.append(_row("heartbeats via Redis: rate sent", rate, "/s", None))
-        _log(f"heartbeats: {BEAT_RATE}/s over HTTP for {seconds:g} s")
-        cpu, rate = api_cpu(proc, lambda: asyncio.run(beat_http(port, seconds)))
-        rows.append(_row("heartbeats via HTTP: api CPU", cpu, "% core", CPU_TARGET, strict=True))
-        rows.append(_row("heartbeats via HTTP: rate served", rate, "/s", None))
-    _log(f"heartbeats: {BEAT_RATE}/s to a raw ASGI app on uvicorn (the floor) for {seconds:g} s")
+        rows += _beats(url, settings, loader, port, proc, seconds)
+    return rows + _floors(seconds)
+
+
+def beat_rows(seconds: float = 30.0, redis_url: str | None = None) -> list[Row]:
+    """The heartbeat rows alone (``--beats-only``): 10,000 GPUs, no task population."""
+    settings = bench_settings()
+    with private_redis(redis_url) as url:
+        r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=SLOW_S)
+        loader = Loader(r, settings)
+        with api_process(url, settings.namespace) as (port, proc):
+            rows = _beats(url, settings, loader, port, proc, seconds)
+    return rows + _floors(seconds)
+
+
+def _beats(
+    url: str, settings: Settings, loader: Loader, port: int, proc: psutil.Process, seconds: float
+) -> list[Row]:
+    rows: list[Row] = []
+    register_gpus(loader, GPUS)  # every GPU fresh (ACTIVE, recent heartbeat)
+    _log(f"heartbeats: {BEAT_RATE}/s direct to Redis for {seconds:g} s")
+    cpu, rate = api_cpu(proc, lambda: asyncio.run(beat_direct(url, settings, seconds)))
+    rows.append(_row("heartbeats via Redis: api CPU", cpu, "% core", CPU_TARGET, strict=True))
+    rows.append(_row("heartbeats via Redis: rate sent", rate, "/s", None))
+    for per, name, target in HTTP_BEATS:
+        _log(f"heartbeats: {BEAT_RATE}/s over HTTP, {per} per request, for {seconds:g} s")
+        cpu, rate = api_cpu(proc, partial(_run_beats, port, seconds, per))
+        rows.append(_row(f"{name}: api CPU", cpu, "% core", target, strict=True))
+        rows.append(_row(f"{name}: requests served", rate, "/s", None))
+    return rows
+
+
+def _run_beats(port: int, seconds: float, per_request: int) -> float:
+    return asyncio.run(beat_http(port, seconds, per_request))
+
+
+def _floors(seconds: float) -> list[Row]:
+    rows: list[Row] = []
     with floor_process() as (port, proc):
-        cpu, rate = api_cpu(proc, lambda: asyncio.run(beat_http(port, seconds)))
-        rows.append(
-            _row("HTTP floor at that rate: uvicorn + raw ASGI, no work", cpu, "% core", None)
-        )
+        for per, _, _ in HTTP_BEATS:
+            _log(f"heartbeats: {BEAT_RATE // per} requests/s to a raw ASGI app on uvicorn")
+            cpu, _ = api_cpu(proc, partial(_run_beats, port, seconds, per))
+            name = f"HTTP floor at {BEAT_RATE // per:,} requests/s: uvicorn + raw ASGI, no work"
+            rows.append(_row(name, cpu, "% core", None))
     return rows
 
 
@@ -364,8 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=30.0, help="seconds per heartbeat run")
     ap.add_argument("--redis-url", help="use (and FLUSH) this database instead of a fresh one")
     ap.add_argument("--memory-only", action="store_true", help="skip the list and heartbeats")
+    ap.add_argument("--beats-only", action="store_true", help="only the heartbeat CPU rows")
     a = ap.parse_args(argv)
-    rows = scale_rows(a.tasks, a.core_tasks, a.calls, a.duration, a.redis_url, a.memory_only)
+    if a.beats_only:
+        rows = beat_rows(a.duration, a.redis_url)
+    else:
+        rows = scale_rows(a.tasks, a.core_tasks, a.calls, a.duration, a.redis_url, a.memory_only)
     for line in format_rows(rows):
         print(line)
     return 1 if any(r.verdict == "FAIL" for r in rows) else 0

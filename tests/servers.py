@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from gpuflow.api.app import create_app
 from gpuflow.config import Settings
@@ -27,10 +29,17 @@ class ApiServer:
 
 
 def start_api(
-    settings: Settings, redis_url: str, timeout: float = 10.0, *, fast_paths: bool = True
+    settings: Settings,
+    redis_url: str,
+    timeout: float = 10.0,
+    *,
+    fast_paths: bool = True,
+    wrap: Callable[[ASGIApp], ASGIApp] | None = None,
 ) -> ApiServer:
+    """The api in uvicorn; ``wrap`` puts an ASGI layer in front of it (an older api)."""
     app = create_app(settings, redis_url, fast_paths=fast_paths)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    served = wrap(app) if wrap else app
+    config = uvicorn.Config(served, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

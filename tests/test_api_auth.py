@@ -46,6 +46,7 @@ ALLOWED: dict[str, set[tuple[str, str]]] = {
 WORKER_WRITES = {
     ("POST", "/api/v2/gpus/register"),
     ("POST", "/api/v2/gpus/{gpuId}/heartbeat"),
+    ("POST", "/api/v2/gpus/heartbeats"),
     ("POST", "/api/v2/gpus/{gpuId}/claim"),
     ("POST", "/api/v2/gpus/{gpuId}/fault"),
     ("POST", "/api/v2/tasks/{taskId}/status"),

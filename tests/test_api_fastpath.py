@@ -1,5 +1,5 @@
-"""The heartbeat fast path answers exactly what the FastAPI route answers, and hands every
-case it does not take to that route."""
+"""The fast paths (heartbeat, batch heartbeat, create) answer exactly what the FastAPI
+routes answer, and hand every case they do not take to those routes."""
 
 from __future__ import annotations
 
@@ -136,21 +136,97 @@ async def test_fast_path_answers_as_the_route(
     assert getattr(route_server.app.state, "fast_heartbeats", 0) == 0
 
 
-async def test_fast_path_renews_the_listed_lease(api_server: ApiServer, store: Store) -> None:
-    """The fast path's writes are the route's: the listed task's lease moves forward and an
-    OFFLINE node comes back ACTIVE."""
+@pytest.mark.parametrize("batch", [False, True], ids=["single", "batch"])
+async def test_fast_path_renews_the_listed_lease(
+    api_server: ApiServer, store: Store, batch: bool
+) -> None:
+    """The fast path's writes are the route's, and a batch's are its beats' alone: the
+    listed task's lease moves forward and an OFFLINE node comes back ACTIVE."""
     async with httpx.AsyncClient(base_url=api_server.url, timeout=30) as c:
         keys = await _setup(c, api_server.admin_key)
         worker = {"X-API-Key": keys["worker"]}
         await Gpus(store).set_status("fp-gpu", GpuStatus.OFFLINE, "missed heartbeats")
         lease = await store.redis.zscore(store.keys.leases, keys["task"])
         await asyncio.sleep(0.05)
-        body = {"running": [{"taskId": keys["task"], "attempt": 1}]}
-        r = await c.post("/api/v2/gpus/fp-gpu/heartbeat", json=body, headers=worker)
-        assert r.json()["data"] == {"status": "ACTIVE", "stop": []}
+        beat = {"running": [{"taskId": keys["task"], "attempt": 1}]}
+        if batch:
+            body = {"beats": [{"gpuId": "fp-gpu", **beat}]}
+            r = await c.post("/api/v2/gpus/heartbeats", json=body, headers=worker)
+            answer = r.json()["data"][0]
+        else:
+            r = await c.post("/api/v2/gpus/fp-gpu/heartbeat", json=beat, headers=worker)
+            answer = r.json()["data"]
+        assert (answer["status"], answer["stop"]) == ("ACTIVE", [])
         assert api_server.app.state.fast_heartbeats == 1
         assert await store.redis.zscore(store.keys.leases, keys["task"]) > lease
         assert await store.redis.hget(store.keys.gpu("fp-gpu"), "status") == "ACTIVE"
+
+
+def _batch_cases(keys: dict[str, str]) -> list[tuple[str, bool, dict[str, Any]]]:
+    """(name, whether the fast path answers it, request arguments) for the batch endpoint."""
+    worker = {"X-API-Key": keys["worker"]}
+    task = {"taskId": keys["task"], "attempt": 1}
+    gone = {"taskId": "task_gone", "attempt": 2}
+    mixed = {
+        "beats": [
+            {"gpuId": "fp-gpu", "running": [task, gone]},
+            {"gpuId": "nope"},
+            {"gpuId": "fp-gpu"},
+        ]
+    }
+    return [
+        ("mixed", True, {"headers": worker, "json": mixed}),
+        ("one", True, {"headers": worker, "json": {"beats": [{"gpuId": "fp-gpu",
+            "running": [task]}]}}),
+        ("bearer", True, {"headers": {"Authorization": f"Bearer {keys['worker']}"},
+            "json": mixed}),
+        ("no key", False, {"json": mixed}),
+        ("client key", False, {"headers": {"X-API-Key": keys["client"]}, "json": mixed}),
+        ("no beats", False, {"headers": worker, "json": {"beats": []}}),
+        ("too many", False, {"headers": worker, "json": {"beats": [{"gpuId": "fp-gpu"}] * 257}}),
+        ("no gpuId", False, {"headers": worker, "json": {"beats": [{"running": []}]}}),
+        ("gpuId a number", False, {"headers": worker, "json": {"beats": [{"gpuId": 3}]}}),
+        ("not an object", False, {"headers": worker, "json": [{"gpuId": "fp-gpu"}]}),
+        ("no body", False, {"headers": worker}),
+        ("query", False, {"headers": worker, "json": mixed, "params": {"x": "1"}}),
+    ]  # fmt: skip
+
+
+async def _send_batch(c: httpx.AsyncClient, args: dict[str, Any]) -> tuple[int, Any]:
+    r = await c.post("/api/v2/gpus/heartbeats", **args)
+    return r.status_code, r.json()
+
+
+async def test_batch_heartbeat_answers_as_the_route(
+    api_server: ApiServer, route_server: ApiServer, store: Store
+) -> None:
+    """Each beat gets the single endpoint's answer, in order; a refused request (bad body,
+    key, role) answers as a whole and renews nothing."""
+    async with (
+        httpx.AsyncClient(base_url=api_server.url, timeout=30) as fast,
+        httpx.AsyncClient(base_url=route_server.url, timeout=30) as route,
+    ):
+        keys = await _setup(fast, api_server.admin_key)
+        cases = _batch_cases(keys)
+        await _compare(fast, route, api_server.app.state, "fast_heartbeats", cases, _send_batch)
+        case = {name: args for name, _, args in cases}
+        status, body = await _send_batch(fast, case["mixed"])
+        assert status == 200
+        assert body["data"] == [
+            {"gpuId": "fp-gpu", "code": 200, "message": "heartbeat updated", "status": "ACTIVE",
+             "stop": ["task_gone"]},
+            {"gpuId": "nope", "code": 404, "message": "GPU nope not registered", "stop": []},
+            {"gpuId": "fp-gpu", "code": 200, "message": "heartbeat updated", "status": "ACTIVE",
+             "stop": []},
+        ]  # fmt: skip
+        await Gpus(store).set_status("fp-gpu", GpuStatus.OFFLINE, "missed heartbeats")
+        for refused in ("too many", "no gpuId", "gpuId a number", "client key"):
+            status, body = await _send_batch(fast, case[refused])
+            assert status in (400, 403) and body["data"] is None, refused
+        assert await store.redis.hget(store.keys.gpu("fp-gpu"), "status") == "OFFLINE"
+        status, body = await _send_batch(fast, case["too many"])
+        assert "beats" in body["message"]
+    assert getattr(route_server.app.state, "fast_heartbeats", 0) == 0
 
 
 VOLATILE = ("taskId", "displayId", "estimatedWaitTime", "createdAt", "updatedAt")

@@ -1,4 +1,4 @@
-"""Batched reports: several attempts' ends in one script call, each applied as if alone."""
+"""Batched reports and heartbeats: several in one script call, each applied as if alone."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ import pytest
 from redis.exceptions import ResponseError
 
 from gpuflow.core.coalesce import Coalescer
-from gpuflow.core.errors import Conflict, Damaged, InvalidInput, NotFound, PayloadTooLarge
-from gpuflow.core.gpus import GpuSpec, HeartbeatReply
+from gpuflow.core.errors import (
+    Conflict,
+    Damaged,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+)
+from gpuflow.core.gpus import Beat, GpuSpec, HeartbeatReply, _chunks
 from gpuflow.core.models import TaskStatus
 from gpuflow.core.tasks import NewTask, Report
 
@@ -245,12 +251,41 @@ async def test_concurrent_heartbeats_share_calls(services: Services) -> None:
     for i in range(30):
         await s.gpus.register(GpuSpec(f"hb{i}", [1]))
     calls: list[int] = []
-    s.gpus._beats = Coalescer(_counting(s.gpus.heartbeat_many, calls))
+    s.gpus.heartbeat_many = _counting(s.gpus.heartbeat_many, calls)  # type: ignore[method-assign]
     replies = await asyncio.gather(*(s.gpus.heartbeat(f"hb{i}", {}) for i in range(30)))
     assert replies == [HeartbeatReply("ACTIVE", [])] * 30
-    assert sum(calls) == 30 and len(calls) < 30
+    assert calls == [30]
     with pytest.raises(NotFound, match="GPU ghost not registered"):
         await s.gpus.heartbeat("ghost")
+
+
+@pytest.mark.redis
+async def test_heartbeat_groups_share_a_call_and_answer_as_groups(services: Services) -> None:
+    """Groups made together (several agents' batch requests) share one script call; each
+    is answered as a group, in order, errors in place."""
+    s = services
+    for i in range(6):
+        await s.gpus.register(GpuSpec(f"lg{i}", [1]))
+    calls: list[int] = []
+    s.gpus.heartbeat_many = _counting(s.gpus.heartbeat_many, calls)  # type: ignore[method-assign]
+    groups = await asyncio.gather(
+        *(s.gpus.heartbeats([(f"lg{2 * i}", {}), (f"lg{2 * i + 1}", None)]) for i in range(3))
+    )
+    assert groups == [[HeartbeatReply("ACTIVE", [])] * 2] * 3
+    assert calls == [6]
+    mixed = await s.gpus.heartbeats([("lg0", {}), ("ghost", None), ("lg1", None)])
+    assert mixed[0] == mixed[2] == HeartbeatReply("ACTIVE", [])
+    assert isinstance(mixed[1], NotFound)
+
+
+def test_beat_chunks_bound_each_calls_arguments() -> None:
+    big = {f"t{i}": 1 for i in range(4096)}  # 8,195 arguments
+    beats: list[Beat] = [("a", big), ("b", None), ("c", big), ("d", {}), ("e", big)]
+    chunks = _chunks(beats)
+    assert [b for chunk in chunks for b in chunk] == beats  # all, in order
+    assert [[g for g, _ in chunk] for chunk in chunks] == [["a", "b"], ["c", "d"], ["e"]]
+    assert _chunks([]) == []
+    assert [len(c) for c in _chunks([("g", None)] * 600)] == [256, 256, 88]
 
 
 @pytest.mark.redis

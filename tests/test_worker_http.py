@@ -11,7 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gpuflow.api.envelope import error
 from gpuflow.worker import (
     Agent,
     ClaimedTask,
@@ -130,3 +132,109 @@ async def test_http_errors_map_to_transport_errors(
     finally:
         await nowhere.close()
     assert (await services.tasks.get(task_id))["result"] == "on time"
+
+
+class Recording(httpx.AsyncBaseTransport):
+    """A real HTTP transport that notes each request's path and JSON body."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.sent: list[tuple[str, Any]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        self.sent.append((request.url.path, body))
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def beats(self) -> list[tuple[str, Any]]:
+        return [(p, b) for p, b in self.sent if "heartbeat" in p]
+
+
+async def worker_key(api_server: ApiServer) -> str:
+    admin = {"X-API-Key": api_server.admin_key}
+    async with httpx.AsyncClient(base_url=api_server.url, headers=admin) as c:
+        r = await c.post("/api/v2/keys", json={"role": "worker", "name": "beats"})
+    return str(r.json()["data"]["key"])
+
+
+async def test_agent_beats_for_all_its_nodes_in_one_request(
+    services: Services, api_server: ApiServer
+) -> None:
+    """Three nodes, one heartbeat request per interval listing all three; each node is
+    renewed."""
+    sent = Recording()
+    transport = HttpTransport(api_server.url, await worker_key(api_server), transport=sent)
+    specs = detect_nodes([14], gpus=3, hostname=f"b{uuid.uuid4().hex[:6]}")
+    agent = Agent(worker, transport, specs, heartbeat_interval_s=0.2, claim_wait_s=1.0)
+    try:
+        async with running(agent):
+            before = {s.gpu_id: (await services.gpus.get(s.gpu_id))["lastHeartbeat"] for s in specs}
+            await asyncio.sleep(0.7)
+            after = {s.gpu_id: (await services.gpus.get(s.gpu_id))["lastHeartbeat"] for s in specs}
+    finally:
+        await transport.close()
+    beats = sent.beats()
+    assert len(beats) >= 2
+    assert all(path == "/api/v2/gpus/heartbeats" for path, _ in beats)
+    for _, body in beats:
+        assert sorted(b["gpuId"] for b in body["beats"]) == sorted(s.gpu_id for s in specs)
+    assert all(after[g] > before[g] for g in before)
+
+
+async def test_batch_heartbeat_errors_are_per_node(
+    services: Services, api_server: ApiServer
+) -> None:
+    sent = Recording()
+    http = HttpTransport(api_server.url, await worker_key(api_server), transport=sent)
+    try:
+        node = NodeSpec(f"k{uuid.uuid4().hex[:6]}", [31])
+        await http.register(node)
+        known, unknown = await asyncio.gather(
+            http.heartbeat(node.gpu_id, {}), http.heartbeat("no-such-gpu", {}),
+            return_exceptions=True,
+        )  # fmt: skip
+    finally:
+        await http.close()
+    assert known == [] and isinstance(unknown, NodeUnknown)
+    assert [p for p, _ in sent.beats()] == ["/api/v2/gpus/heartbeats"]
+
+
+def without_batch_route(app: ASGIApp) -> ASGIApp:
+    """The api as it was before ``POST /api/v2/gpus/heartbeats``: FastAPI answered 405 there
+    (the path matched ``GET /api/v2/gpus/{gpuId}`` only)."""
+
+    async def older(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/api/v2/gpus/heartbeats":
+            await error(405, "Method Not Allowed")(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return older
+
+
+async def test_heartbeats_go_one_at_a_time_to_an_api_without_the_batch_route(
+    services: Services, redis_url: str, settings: Any
+) -> None:
+    """An older api (no ``POST /api/v2/gpus/heartbeats``: it answers 405) still gets every
+    beat, each on the single endpoint, and is not asked for the batch again."""
+    from .servers import start_api
+
+    older = start_api(settings, redis_url, wrap=without_batch_route)
+    sent = Recording()
+    http = HttpTransport(older.url, await worker_key(older), transport=sent)
+    try:
+        nodes = [NodeSpec(f"o{i}{uuid.uuid4().hex[:6]}", [31]) for i in range(2)]
+        for node in nodes:
+            await http.register(node)
+        for _ in range(2):
+            answers = await asyncio.gather(*(http.heartbeat(n.gpu_id, {}) for n in nodes))
+            assert answers == [[], []]
+    finally:
+        await http.close()
+        older.stop()
+    paths = [p for p, _ in sent.beats()]
+    singles = [f"/api/v2/gpus/{n.gpu_id}/heartbeat" for n in nodes]
+    assert paths == ["/api/v2/gpus/heartbeats", *singles, *singles]

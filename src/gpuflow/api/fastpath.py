@@ -1,10 +1,11 @@
-"""A lean path for the worker protocol's heartbeat, in front of FastAPI's routing.
+"""A lean path for the worker protocol's heartbeats, in front of FastAPI's routing.
 
 10,000 GPUs beating every 5 s over HTTP are 2,000 requests a second, and through FastAPI's
 route matching, dependency resolution and request objects one heartbeat costs the api
 several times what its Redis call costs. :class:`HeartbeatFastPath` answers the common case
-itself (an authorized key and a body that ``HeartbeatIn`` accepts, or no body), with the
-same model, the same domain call and the same envelope as the route in
+itself (an authorized key and a body that ``HeartbeatIn`` accepts, or no body; or, for the
+batch endpoint ``POST /api/v2/gpus/heartbeats``, a body that ``HeartbeatsIn`` accepts), with
+the same models, the same domain calls and the same envelopes as the routes in
 ``api/routes_gpus.py``. Everything else (no or unknown key, a role that may not beat, a body
 the model refuses, chunked or oversized bodies, query strings) goes on to that route
 untouched, so every error answer has one definition. The route also stays what the OpenAPI
@@ -21,12 +22,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpuflow.api.deps import credential
 from gpuflow.api.envelope import envelope, error_for
-from gpuflow.api.schemas import HeartbeatIn
+from gpuflow.api.routes_gpus import beat_answers
+from gpuflow.api.schemas import HeartbeatIn, HeartbeatsIn
 from gpuflow.core.apikeys import Principal, Role
 from gpuflow.core.system import System
 
 PREFIX = "/api/v2/gpus/"
 SUFFIX = "/heartbeat"
+BATCH_PATH = "/api/v2/gpus/heartbeats"
 #: Bodies up to this size take the fast path (a full ``running`` list is far smaller);
 #: larger ones go to the route, behind the app's body limit.
 MAX_BODY = 1 << 20
@@ -35,20 +38,28 @@ _AUTH_HEADERS = {b"x-api-key": "x-api-key", b"authorization": "authorization"}
 
 
 class HeartbeatFastPath:
-    """ASGI middleware: ``POST /api/v2/gpus/{gpuId}/heartbeat`` without FastAPI's
-    per-request machinery; counts the requests it answered in ``app.state.fast_heartbeats``."""
+    """ASGI middleware: ``POST /api/v2/gpus/{gpuId}/heartbeat`` and ``POST
+    /api/v2/gpus/heartbeats`` without FastAPI's per-request machinery; counts the requests
+    it answered in ``app.state.fast_heartbeats``."""
 
     def __init__(self, app: ASGIApp, max_body: int = MAX_BODY) -> None:
         self.app = app
         self.max_body = min(max_body, MAX_BODY)  # never past the app's body limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gpu_id = _heartbeat_gpu(scope)
-        if gpu_id is None:
+        batch = _is_post(scope) and scope["path"] == BATCH_PATH
+        gpu_id = None if batch else _heartbeat_gpu(scope)
+        if gpu_id is None and not batch:
             await self.app(scope, receive, send)
             return
         key, length, json_body = read_headers(scope["headers"])
-        if key is None or length is None or length > self.max_body or (length and not json_body):
+        if (
+            key is None
+            or length is None
+            or length > self.max_body
+            or (length and not json_body)
+            or (batch and not length)
+        ):
             await self.app(scope, receive, send)
             return
         state = scope["app"].state
@@ -57,16 +68,13 @@ class HeartbeatFastPath:
         if taken is None:
             return
         _, body = taken
-        running: dict[str, int] | None = None
-        if body:
-            try:
-                beat = HeartbeatIn.model_validate_json(body)
-            except ValidationError:
-                await self.app(scope, replay(body, receive), send)  # the route's 400
-                return
-            running = {t.taskId: t.attempt for t in beat.running}
+        try:
+            answer = await _answer(system, gpu_id, body)
+        except ValidationError:
+            await self.app(scope, replay(body, receive), send)  # the route's 400
+            return
         state.fast_heartbeats = getattr(state, "fast_heartbeats", 0) + 1
-        await (await _beat(system, gpu_id, running))(scope, receive, send)
+        await answer(scope, receive, send)
 
 
 async def authorized_body(
@@ -91,9 +99,14 @@ async def authorized_body(
     return principal, body
 
 
+def _is_post(scope: Scope) -> bool:
+    """A POST without a query string (those go to the route)."""
+    return scope["type"] == "http" and scope["method"] == "POST" and not scope.get("query_string")
+
+
 def _heartbeat_gpu(scope: Scope) -> str | None:
-    """The gpuId of a heartbeat request this path may answer, else None."""
-    if scope["type"] != "http" or scope["method"] != "POST" or scope.get("query_string"):
+    """The gpuId of a single heartbeat request this path may answer, else None."""
+    if not _is_post(scope):
         return None
     path: str = scope["path"]
     if not (path.startswith(PREFIX) and path.endswith(SUFFIX)):
@@ -142,6 +155,26 @@ def replay(body: bytes, receive: Receive) -> Callable[[], Awaitable[Message]]:
         return await receive()
 
     return replay
+
+
+async def _answer(system: System, gpu_id: str | None, body: bytes) -> Response:
+    """The answer to one heartbeat (``gpu_id`` None: the batch endpoint); raises
+    ValidationError, before any effect, for a body the route must refuse."""
+    if gpu_id is None:
+        return await _beats(system, HeartbeatsIn.model_validate_json(body))
+    running: dict[str, int] | None = None
+    if body:
+        beat = HeartbeatIn.model_validate_json(body)
+        running = {t.taskId: t.attempt for t in beat.running}
+    return await _beat(system, gpu_id, running)
+
+
+async def _beats(system: System, beats: HeartbeatsIn) -> Response:
+    """The batch route's answer, and its error answers."""
+    try:
+        return envelope(await beat_answers(system, beats))
+    except Exception as exc:
+        return error_for(exc)
 
 
 async def _beat(system: System, gpu_id: str, running: dict[str, int] | None) -> Response:

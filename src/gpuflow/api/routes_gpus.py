@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from starlette.responses import Response
 
 from gpuflow.api.deps import Admin, FleetReader, SystemDep, WorkerRole
 from gpuflow.api.envelope import ERROR_RESPONSES, Envelope, envelope
-from gpuflow.api.schemas import GpuOut, GpuRegister, HeartbeatIn, HeartbeatOut, TaskOut
+from gpuflow.api.schemas import (
+    BeatOut,
+    GpuOut,
+    GpuRegister,
+    HeartbeatIn,
+    HeartbeatOut,
+    HeartbeatsIn,
+    TaskOut,
+)
+from gpuflow.core.errors import GpuflowError
 from gpuflow.core.gpus import GpuSpec
 from gpuflow.core.models import GpuStatus, Tier
+from gpuflow.core.system import System
 
 router = APIRouter(prefix="/api/v2/gpus", tags=["gpus"], responses=ERROR_RESPONSES)
 GpuId = Annotated[str, "GPU id"]
@@ -58,6 +68,37 @@ async def register(body: GpuRegister, system: SystemDep, _: WorkerRole) -> Respo
         )
     )
     return envelope("GPU registered")
+
+
+@router.post("/heartbeats", response_model=Envelope[list[BeatOut]], summary="Heartbeat many nodes")
+async def heartbeats(body: HeartbeatsIn, system: SystemDep, _: WorkerRole) -> Response:
+    """The heartbeats of several nodes (an agent beats for all its GPUs at once) in one
+    request; each applies as if sent alone to `/{gpuId}/heartbeat`, in order, and gets its
+    own answer in `data`, in the same order: `code` 200 with `status` and `stop`, or the
+    code and message that endpoint would have answered (404: not registered; register it
+    again). The request itself fails only as a whole (401, 403, 400, 503)."""
+    return envelope(await beat_answers(system, body))
+
+
+async def beat_answers(system: System, body: HeartbeatsIn) -> list[dict[str, Any]]:
+    """The ``data`` of a batch heartbeat; shared with the fast path (api/fastpath.py)."""
+    beats = [
+        (b.gpuId, None if b.running is None else {t.taskId: t.attempt for t in b.running})
+        for b in body.beats
+    ]
+    replies = await system.gpus.heartbeats(beats)
+    out: list[dict[str, Any]] = []
+    for (gpu_id, _), reply in zip(beats, replies, strict=True):
+        if isinstance(reply, GpuflowError):
+            out.append(
+                {"gpuId": gpu_id, "code": reply.status_code, "message": str(reply), "stop": []}
+            )
+        else:
+            out.append(
+                {"gpuId": gpu_id, "code": 200, "message": "heartbeat updated",
+                 "status": reply.status, "stop": reply.stop}
+            )  # fmt: skip
+    return out
 
 
 @router.post("/{gpuId}/heartbeat", response_model=Envelope[str | HeartbeatOut], summary="Heartbeat")

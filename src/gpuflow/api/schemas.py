@@ -165,6 +165,34 @@ class HeartbeatOut(BaseModel):
     stop: list[str] = Field(description="Task ids the node must stop (canceled, timed out).")
 
 
+#: Beats one ``POST /api/v2/gpus/heartbeats`` may carry (an agent's GPUs: 8 on a big box).
+MAX_BEATS = 256
+
+
+class BeatIn(Input):
+    gpuId: SStr = Field(min_length=1, max_length=128)
+    running: list[RunningTask] | None = Field(
+        default=None, max_length=4096, description="As in HeartbeatIn; absent: the seed's form."
+    )
+
+
+class HeartbeatsIn(Input):
+    """The heartbeats of several nodes (all the GPUs of one agent) in one request."""
+
+    beats: list[BeatIn] = Field(min_length=1, max_length=MAX_BEATS)
+
+
+class BeatOut(BaseModel):
+    """One node's answer: `code` 200 with `status` and `stop`, or the code and message the
+    single-node endpoint would have answered (404: not registered)."""
+
+    gpuId: str
+    code: int
+    message: str
+    status: str | None = None
+    stop: list[str] = Field(default_factory=list)
+
+
 class GpuOut(BaseModel):
     """The seed's GpuNodeInfo, plus faultReason and registeredAt."""
 

@@ -16,6 +16,27 @@ from gpuflow.store import Store
 from gpuflow.store.keys import TIERS
 
 _RNG = random.Random()
+#: The bounds of one ``heartbeat_gpu`` call (a beat may list 4,096 tasks): larger batches
+#: take several calls.
+BEATS_PER_CALL = 256
+ARGS_PER_CALL = 16_384
+#: Callers' heartbeat groups (a node's beat, an agent's batch request) per coalesced batch.
+GROUPS_PER_BATCH = 32
+Beat = tuple[str, dict[str, int] | None]
+
+
+def _chunks(beats: list[Beat]) -> list[list[Beat]]:
+    """Consecutive runs of beats whose script arguments stay under ARGS_PER_CALL."""
+    chunks: list[list[Beat]] = [[]]
+    size = 0
+    for beat in beats:
+        cost = 3 + 2 * len(beat[1] or ())
+        if chunks[-1] and (size + cost > ARGS_PER_CALL or len(chunks[-1]) >= BEATS_PER_CALL):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(beat)
+        size += cost
+    return chunks if chunks[0] else []
 
 
 @dataclass(slots=True)
@@ -75,9 +96,10 @@ class Gpus:
         #: Bumped by every registration made through this process: caches of what nodes
         #: serve (the dispatcher's stream lists) are stale from then on.
         self.generation = 0
-        self._beats: Coalescer[tuple[str, dict[str, int] | None], HeartbeatReply] = Coalescer(
-            self.heartbeat_many,
-            max_batch=32,  # a beat may list 4,096 tasks: bound the args
+        #: Heartbeats go out in groups (one per caller: a node, or an agent's batch request);
+        #: the groups made together, or while a call is in flight, share a script call.
+        self._beats: Coalescer[list[Beat], list[HeartbeatReply | GpuflowError]] = Coalescer(
+            self._beat_groups, max_batch=GROUPS_PER_BATCH
         )
 
     def invalidate(self) -> None:
@@ -106,7 +128,34 @@ class Gpus:
         agent sees it) the server also reaps tasks the agent lost and answers which listed
         tasks the agent must stop (canceled, timed out, moved on). Heartbeats made together
         (many nodes beating through one api process) go to Redis as one call."""
-        return await self._beats.submit((gpu_id, None if running is None else dict(running)))
+        (reply,) = await self.heartbeats([(gpu_id, running)])
+        if isinstance(reply, GpuflowError):
+            raise reply
+        return reply
+
+    async def heartbeats(
+        self, beats: Sequence[tuple[str, Mapping[str, int] | None]]
+    ) -> list[HeartbeatReply | GpuflowError]:
+        """Several heartbeats (an agent's whole node set), each applied as if alone, in
+        order; joined with the others made together."""
+        group = [(gpu_id, None if running is None else dict(running)) for gpu_id, running in beats]
+        return await self._beats.submit(group)
+
+    async def _beat_groups(
+        self, groups: list[list[Beat]]
+    ) -> list[list[HeartbeatReply | GpuflowError]]:
+        """The coalesced call: every group's beats in as few script calls as the argument
+        bound allows, answered group by group."""
+        flat = [beat for group in groups for beat in group]
+        replies: list[HeartbeatReply | GpuflowError] = []
+        for chunk in _chunks(flat):
+            replies += await self.heartbeat_many(chunk)
+        out: list[list[HeartbeatReply | GpuflowError]] = []
+        start = 0
+        for group in groups:
+            out.append(replies[start : start + len(group)])
+            start += len(group)
+        return out
 
     async def heartbeat_many(
         self, beats: Sequence[tuple[str, Mapping[str, int] | None]]

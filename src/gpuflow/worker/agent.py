@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import Sequence
 
 from gpuflow.worker.executor import handler_source
-from gpuflow.worker.node import AgentOptions, Node
+from gpuflow.worker.node import AgentOptions, Node, heartbeat_loop
 from gpuflow.worker.sdk import Worker
 from gpuflow.worker.transport import NodeSpec, Transport
 
@@ -87,7 +87,8 @@ class Agent:
             for node in nodes:
                 if not await node.register(stop):
                     return
-            loops = [asyncio.create_task(n.heartbeat_loop(done)) for n in nodes]
+            interval = self.options.heartbeat_interval_s
+            loops = [asyncio.create_task(heartbeat_loop(nodes, done, interval))]
             loops.append(asyncio.create_task(self.transport.presence(done)))
             claims = [asyncio.create_task(n.claim_loop(stop)) for n in nodes]
             self.ready.set()

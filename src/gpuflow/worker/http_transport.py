@@ -10,12 +10,14 @@ here: the agent decides (heartbeat and claim with backoff, fenced reports a few 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import logging
+from collections.abc import Awaitable, Mapping
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
+from gpuflow.core.coalesce import Coalescer
 from gpuflow.worker.transport import (
     ClaimedTask,
     NodeSpec,
@@ -26,6 +28,10 @@ from gpuflow.worker.transport import (
 )
 
 CLAIM_EXTRA_S = 15.0
+BEATS_PATH = "/api/v2/gpus/heartbeats"
+MAX_BEATS = 256  # the api's limit per request (schemas.MAX_BEATS)
+Beat = tuple[str, Mapping[str, int]]
+log = logging.getLogger("gpuflow.worker")
 
 
 def _seg(value: str) -> str:
@@ -40,6 +46,38 @@ def _message(response: httpx.Response) -> str:
     if isinstance(body, dict):
         return str(body.get("message") or body.get("detail") or body)
     return str(body)
+
+
+def _data(path: str, response: httpx.Response, node: bool) -> Any:
+    """The envelope's ``data`` of a success, else the exception the status means."""
+    status = response.status_code
+    if status < 300:
+        try:
+            return response.json().get("data")
+        except (ValueError, AttributeError) as exc:
+            raise TransportError(f"{path}: not an envelope: {response.text[:200]}") from exc
+    raise _refusal(status, f"{path}: {status} {_message(response)}", node)
+
+
+def _refusal(status: int, text: str, node: bool) -> Exception:
+    if status == 409:
+        return StaleAttempt(text)
+    if status == 404:
+        return (NodeUnknown if node else StaleAttempt)(text)
+    if status >= 500 or status in (408, 429):
+        return TransportError(text)
+    return TransportRejected(text)
+
+
+def _running(running: Mapping[str, int]) -> list[dict[str, Any]]:
+    return [{"taskId": t, "attempt": a} for t, a in running.items()]
+
+
+async def _outcome(call: Awaitable[list[str]]) -> list[str] | Exception:
+    try:
+        return await call
+    except Exception as exc:
+        return exc
 
 
 class HttpTransport:
@@ -59,6 +97,24 @@ class HttpTransport:
             timeout=timeout_s,
             transport=transport,
         )
+        self._batch_beats = True
+        self._beats: Coalescer[Beat, list[str]] = Coalescer(self._heartbeats, MAX_BEATS)
+
+    async def _send(
+        self,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        params: dict[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> httpx.Response:
+        kwargs: dict[str, Any] = {"json": body, "params": params}
+        if timeout_s is not None:
+            kwargs["timeout"] = timeout_s
+        try:
+            return await self._client.post(path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise TransportError(f"{path}: {type(exc).__name__}: {exc}") from exc
 
     async def _post(
         self,
@@ -69,27 +125,7 @@ class HttpTransport:
         params: dict[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> Any:
-        kwargs: dict[str, Any] = {"json": body, "params": params}
-        if timeout_s is not None:
-            kwargs["timeout"] = timeout_s
-        try:
-            response = await self._client.post(path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise TransportError(f"{path}: {type(exc).__name__}: {exc}") from exc
-        status = response.status_code
-        if status < 300:
-            try:
-                return response.json().get("data")
-            except (ValueError, AttributeError) as exc:
-                raise TransportError(f"{path}: not an envelope: {response.text[:200]}") from exc
-        text = f"{path}: {status} {_message(response)}"
-        if status == 409:
-            raise StaleAttempt(text)
-        if status == 404:
-            raise (NodeUnknown if node else StaleAttempt)(text)
-        if status >= 500 or status in (408, 429):
-            raise TransportError(text)
-        raise TransportRejected(text)
+        return _data(path, await self._send(path, body, params=params, timeout_s=timeout_s), node)
 
     async def register(self, node: NodeSpec) -> None:
         body = {
@@ -106,7 +142,35 @@ class HttpTransport:
         await self._post("/api/v2/gpus/register", body, node=True)
 
     async def heartbeat(self, gpu_id: str, running: Mapping[str, int]) -> list[str]:
-        body = {"running": [{"taskId": t, "attempt": a} for t, a in running.items()]}
+        """Beats made together (the agent beats for all its nodes at once) leave as one
+        ``POST /api/v2/gpus/heartbeats``; a server without that endpoint gets one
+        ``POST /api/v2/gpus/{gpuId}/heartbeat`` each."""
+        return await self._beats.submit((gpu_id, dict(running)))
+
+    async def _heartbeats(self, beats: list[Beat]) -> list[list[str] | Exception]:
+        if len(beats) == 1 or not self._batch_beats:
+            return [await _outcome(self._heartbeat_one(*beat)) for beat in beats]
+        body = {"beats": [{"gpuId": g, "running": _running(r)} for g, r in beats]}
+        response = await self._send(BEATS_PATH, body)
+        if response.status_code in (404, 405):  # an older api: beat one node at a time
+            log.info("%s: %s; heartbeats go one node at a time", BEATS_PATH, response.status_code)
+            self._batch_beats = False
+            return await self._heartbeats(beats)
+        data = _data(BEATS_PATH, response, node=True)
+        if not isinstance(data, list) or len(data) != len(beats):
+            raise TransportError(f"{BEATS_PATH}: {len(beats)} beats sent, answer: {data!r:.200}")
+        out: list[list[str] | Exception] = []
+        for (gpu_id, _), item in zip(beats, data, strict=True):
+            code = int(item.get("code", 500)) if isinstance(item, dict) else 500
+            if code < 300:
+                out.append([str(t) for t in item.get("stop") or []])
+            else:
+                text = f"{BEATS_PATH} [{gpu_id}]: {code} {item.get('message', item)}"
+                out.append(_refusal(code, text, node=True))
+        return out
+
+    async def _heartbeat_one(self, gpu_id: str, running: Mapping[str, int]) -> list[str]:
+        body = {"running": _running(running)}
         data = await self._post(f"/api/v2/gpus/{_seg(gpu_id)}/heartbeat", body, node=True)
         if isinstance(data, dict):  # a server without the running list answers a string
             return [str(t) for t in data.get("stop") or []]

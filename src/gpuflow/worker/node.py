@@ -2,7 +2,8 @@
 
 * **executors** are started first (one child process per slot when the node serves a sync
   handler), so models are loaded before the node takes work;
-* **register**, then a **heartbeat** loop every ``heartbeat_interval_s``, run by the agent
+* **register**, then a **heartbeat** every ``heartbeat_interval_s`` (:func:`heartbeat_loop`,
+  one loop for all the agent's nodes, so their beats leave together), run by the agent
   and never by a handler process (a handler stuck in a C call cannot stop it), kept going
   while the node drains and while the system is unreachable (with backoff). Each heartbeat
   lists the tasks the node runs (task id → attempt): the server renews their leases,
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from gpuflow.worker.aio import Backoff, ProgressPump, cancel_and_wait, sleep_unless
@@ -126,24 +127,7 @@ class Node:
         jobs = sorted(self.jobs.values(), key=lambda j: j.task.attempt)
         return {job.task.task_id: job.task.attempt for job in jobs}
 
-    async def heartbeat_loop(self, done: asyncio.Event) -> None:
-        backoff = Backoff(cap=self.opts.heartbeat_interval_s)
-        delay = self.opts.heartbeat_interval_s
-        while not await self._next_beat(done, delay):
-            delay = await self._beat(done, backoff)
-
-    async def _next_beat(self, done: asyncio.Event, delay: float) -> bool:
-        """Wait ``delay`` or until a beat is wanted now; returns whether ``done`` is set."""
-        waiters = {asyncio.ensure_future(done.wait()), asyncio.ensure_future(self.beat_now.wait())}
-        try:
-            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-        self.beat_now.clear()
-        return done.is_set()
-
-    async def _beat(self, done: asyncio.Event, backoff: Backoff) -> float:
+    async def beat(self, done: asyncio.Event, backoff: Backoff) -> float:
         """One heartbeat; returns the delay until the next (shorter after a failure)."""
         try:
             try:
@@ -380,3 +364,32 @@ class Node:
 
     async def close(self) -> None:
         await asyncio.gather(*(e.close() for e in self.executors))
+
+
+async def heartbeat_loop(nodes: Sequence[Node], done: asyncio.Event, interval_s: float) -> None:
+    """Beat for every node together, every ``interval_s`` (sooner when a node wants a beat
+    now, or after a failure) until ``done``. Beats made together leave as one call (one
+    ``POST /api/v2/gpus/heartbeats`` over HTTP, one script call through Redis: both
+    transports coalesce), so a box's agent costs the api one request per interval, not
+    one per GPU."""
+    backoffs = [Backoff(cap=interval_s) for _ in nodes]
+    delay = interval_s
+    while not await _next_beat(nodes, done, delay):
+        delays = await asyncio.gather(
+            *(n.beat(done, b) for n, b in zip(nodes, backoffs, strict=True))
+        )
+        delay = min(delays)
+
+
+async def _next_beat(nodes: Sequence[Node], done: asyncio.Event, delay: float) -> bool:
+    """Wait ``delay`` or until a node wants a beat now; returns whether ``done`` is set."""
+    waiters = {asyncio.ensure_future(done.wait())}
+    waiters |= {asyncio.ensure_future(n.beat_now.wait()) for n in nodes}
+    try:
+        await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    for node in nodes:
+        node.beat_now.clear()
+    return done.is_set()
