@@ -102,3 +102,56 @@ def test_the_aiohttp_transport_needs_its_extra(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(sys.modules, "httpx_aiohttp", None)  # as if not installed
     with pytest.raises(ImportError, match=r"gpuflow\[aiohttp\]"):
         AsyncClient("http://127.0.0.1:1", "k", transport="aiohttp")
+
+
+class ForwardProxy:
+    """An HTTP proxy on 127.0.0.1 that notes each request line and answers a health body
+    of its own, so a test can tell whether a call went through it."""
+
+    BODY = b'{"code":200,"message":"success","data":{"status":"UP","version":"via proxy"}}'
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.lines.append(head.split(b"\r\n", 1)[0].decode())
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(self.BODY), self.BODY)
+        )
+        await writer.drain()
+        writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+@pytest.mark.parametrize("transport", [None, "aiohttp"])
+async def test_the_environments_proxy_is_used_as_httpx_uses_it(
+    api_server: ApiServer, monkeypatch: pytest.MonkeyPatch, transport: str | None
+) -> None:
+    """HTTP_PROXY sends calls through the proxy and NO_PROXY exempts hosts, on both
+    transports (the aiohttp one reads the environment once, not per request)."""
+    proxy = ForwardProxy()
+    for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", await proxy.start())
+    try:
+        async with AsyncClient(api_server.url, api_server.admin_key, transport=transport) as gf:
+            assert (await gf.health())["version"] == "via proxy"
+            assert (await gf.health())["version"] == "via proxy"
+        assert proxy.lines == [f"GET {api_server.url}/health HTTP/1.1"] * 2
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        async with AsyncClient(api_server.url, api_server.admin_key, transport=transport) as gf:
+            assert (await gf.health())["version"] != "via proxy"
+        assert len(proxy.lines) == 2
+    finally:
+        await proxy.close()

@@ -59,7 +59,7 @@ class AsyncClient:
     ``"aiohttp"``: requests go through aiohttp (the ``gpuflow[aiohttp]`` extra), which holds
     up far better under many concurrent calls (about 3× the creates per second at 32
     concurrent calls, measured in bench/); one-shot calls skip httpx altogether
-    (``_aiohttp.py``: ~0.5-1 ms less per call), streams go through httpx-aiohttp.
+    (``_aiohttp.py``: about 1.5 ms less per call here), streams go through httpx-aiohttp.
 
     Use it as an async context manager, or await :meth:`aclose`.
     """
