@@ -201,8 +201,10 @@ _Written by `bench/run.py`; do not edit by hand (rerun it)._
   peer's bulk call where it has one, else 64 concurrent calls (async peers) or a loop; over
   HTTP 32 concurrent `create_task`, as the HTTP ceiling's load generator.
 - **E2E**: submit one task, wait for its result, {results.args.get("e2e")} times in a row, with
-  the workers of the drain setup idle. gpuflow over HTTP uses `AsyncClient.run_task`: one
-  `POST /api/v2/tasks?wait=30` that creates the task and answers when it is final. arq's
+  the workers of the drain setup idle, after an AOF rewrite (`BGREWRITEAOF`, waited for) so
+  that no system's run shares the cores with a rewrite of what its drain left behind.
+  gpuflow over HTTP uses `AsyncClient.run_task`: one `POST /api/v2/tasks?wait=30` that
+  creates the task and answers when it is final. arq's
   `Job.result(poll_delay=0.005)` and saq's `Queue.apply(poll_interval=0.005)` poll
   (defaults 0.5 s); Celery (Redis result backend, pub/sub), RQ (`latest_result(timeout)`,
   blocking stream read), dramatiq (`Results` middleware, blocking) and BullMQ

@@ -92,6 +92,24 @@ class Bench:
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=10)
 
+    def settle(self, timeout_s: float = 120.0) -> None:
+        """Before an end-to-end run: compact the AOF now and wait for Redis's background
+        writers (AOF rewrite, RDB save) to finish, so that no system's round trips share
+        the cores with a fork that rewrites what its drain left behind."""
+        with redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=30) as r:
+            deadline = time.monotonic() + timeout_s
+            busy = ("aof_rewrite_in_progress", "aof_rewrite_scheduled", "rdb_bgsave_in_progress")
+            started = False
+            while time.monotonic() < deadline:
+                info = r.info("persistence")
+                if not any(int(info.get(k, 0)) for k in busy):
+                    if started:
+                        return
+                    r.bgrewriteaof()
+                    started = True
+                time.sleep(0.05)
+            raise RuntimeError(f"Redis still rewriting its files after {timeout_s:g} s")
+
     def flush(self) -> None:
         # Synchronous (a lazy free would bill the next system's Redis CPU); a million tasks
         # (--scale) take longer to free than the polling client's timeout.
@@ -199,6 +217,7 @@ class Bench:
                 row.update(
                     self.drain(peer.name, lambda: int(r.execute_command(*peer.count) or 0), workers)
                 )
+            self.settle()
             row["e2e"] = self.driver(peer, "e2e", self.args.e2e)
         finally:
             self.stop(workers)
@@ -295,6 +314,7 @@ class Bench:
                     )
                 for spy in spies:
                     self.py_spy_wait(spy)
+                self.settle()
                 http["e2e"] = asyncio.run(gfa.http_e2e(api_url, key, self.args.e2e, t, self.url, s))
             finally:
                 self.stop(workers)

@@ -6,14 +6,14 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gpuflow.api.envelope import error
+from gpuflow.api.envelope import envelope, error
 from gpuflow.worker import (
     Agent,
     ClaimedTask,
@@ -238,3 +238,48 @@ async def test_heartbeats_go_one_at_a_time_to_an_api_without_the_batch_route(
     paths = [p for p, _ in sent.beats()]
     singles = [f"/api/v2/gpus/{n.gpu_id}/heartbeat" for n in nodes]
     assert paths == ["/api/v2/gpus/heartbeats", *singles, *singles]
+
+
+def answering_batches_with(data: list[Any]) -> Callable[[ASGIApp], ASGIApp]:
+    """An api whose batch heartbeat route answers ``data`` (a broken or foreign server)."""
+
+    def wrap(app: ASGIApp) -> ASGIApp:
+        async def odd(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http" and scope["path"] == "/api/v2/gpus/heartbeats":
+                await envelope(data)(scope, receive, send)
+                return
+            await app(scope, receive, send)
+
+        return odd
+
+    return wrap
+
+
+@pytest.mark.parametrize(
+    ("data", "first", "second"),
+    [
+        (["not an answer", {"code": 200, "stop": ["t1"]}], TransportError, ["t1"]),
+        ([{"code": 200, "stop": []}], TransportError, TransportError),  # one answer for two
+        ([{"code": 409, "message": "?"}, {"code": 403, "message": "no"}], StaleAttempt,
+         TransportRejected),
+    ],
+)  # fmt: skip
+async def test_odd_batch_answers_fail_only_what_they_cannot_answer(
+    services: Services, redis_url: str, settings: Any, data: list[Any], first: Any, second: Any
+) -> None:
+    from .servers import start_api
+
+    odd = start_api(settings, redis_url, wrap=answering_batches_with(data))
+    http = HttpTransport(odd.url, await worker_key(odd))
+    try:
+        got = await asyncio.gather(
+            http.heartbeat("g1", {}), http.heartbeat("g2", {}), return_exceptions=True
+        )
+    finally:
+        await http.close()
+        odd.stop()
+    for answer, want in zip(got, (first, second), strict=True):
+        if isinstance(want, list):
+            assert answer == want
+        else:
+            assert isinstance(answer, want), answer

@@ -161,11 +161,14 @@ class HttpTransport:
             raise TransportError(f"{BEATS_PATH}: {len(beats)} beats sent, answer: {data!r:.200}")
         out: list[list[str] | Exception] = []
         for (gpu_id, _), item in zip(beats, data, strict=True):
-            code = int(item.get("code", 500)) if isinstance(item, dict) else 500
+            answer: dict[str, Any] = (
+                item if isinstance(item, dict) else {"code": 500, "message": repr(item)}
+            )
+            code = int(answer.get("code", 500))
             if code < 300:
-                out.append([str(t) for t in item.get("stop") or []])
+                out.append([str(t) for t in answer.get("stop") or []])
             else:
-                text = f"{BEATS_PATH} [{gpu_id}]: {code} {item.get('message', item)}"
+                text = f"{BEATS_PATH} [{gpu_id}]: {code} {answer.get('message')}"
                 out.append(_refusal(code, text, node=True))
         return out
 
