@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,14 +24,47 @@ class Results:
     http: dict[str, dict[str, Any]] = field(default_factory=dict)
     scale: list[dict[str, str]] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    #: (systems, http) of each round, when the systems ran round-robin several times.
+    rounds: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+
+    def end_round(self) -> None:
+        """Keep this round's numbers; the tables then show each number's median."""
+        self.rounds.append((copy.deepcopy(self.systems), copy.deepcopy(self.http)))
+        self.systems = _median([s for s, _ in self.rounds])
+        self.http = _median([h for _, h in self.rounds])
 
     def system(self, name: str, version: str, setup: str) -> dict[str, Any]:
         self.systems[name] = {"version": version, "setup": setup}
         return self.systems[name]
 
     def targets(self) -> list[tuple[str, str, str]]:
-        """(target, measured, PASS / FAIL / n/a) rows."""
-        rows: list[tuple[str, str, str]] = []
+        """(target, measured, PASS / FAIL / n/a) rows. After several rounds each comparison
+        is the median round's for that target (its ratio measured within one round, on the
+        same machine minutes apart, never across rounds)."""
+        rows = self._targets()
+        per_round = [Results(systems=s, http=h)._targets() for s, h in self.rounds]
+        if len(per_round) > 1:
+            for i in range(len(rows)):
+                margins = [m for r in per_round if i < len(r) and (m := r[i][3]) is not None]
+                if margins:
+                    mid = statistics.median_low(margins)
+                    rows[i] = next(r[i] for r in per_round if i < len(r) and r[i][3] == mid)
+        out = [(t, v, verdict) for t, v, verdict, _ in rows]
+        for row in self.scale:
+            out.append((row.get("target") or row["metric"], row["value"], row.get("result", "n/a")))
+        return out
+
+    def round_targets(self) -> list[list[tuple[str, str, str]]]:
+        """The targets of each round alone (no scale rows)."""
+        return [
+            [(t, v, verdict) for t, v, verdict, _ in Results(systems=s, http=h)._targets()]
+            for s, h in self.rounds
+        ]
+
+    def _targets(self) -> list[tuple[str, str, str, float | None]]:
+        """(target, measured, verdict, margin: higher is better, ≥ 1 passes) of these
+        numbers, without the scale rows."""
+        rows: list[tuple[str, str, str, float | None]] = []
         gf = self.systems.get("gpuflow", {})
         peers = {p: self.systems[p] for p in PYTHON_PEERS if "rate" in self.systems.get(p, {})}
         if "rate" in gf and peers:
@@ -40,10 +75,13 @@ class Results:
                     f"drain ≥ {DRAIN_FACTOR} × fastest Python peer ({best})",
                     f"{gf['rate']:,.0f} vs {peers[best]['rate']:,.0f} tasks/s = {ratio:.2f}×",
                     _verdict(ratio >= DRAIN_FACTOR),
+                    ratio / DRAIN_FACTOR,
                 )
             )
         else:
-            rows.append((f"drain ≥ {DRAIN_FACTOR} × fastest Python peer", "not measured", "n/a"))
+            rows.append(
+                (f"drain ≥ {DRAIN_FACTOR} × fastest Python peer", "not measured", "n/a", None)
+            )
         bull = self.systems.get("bullmq", {})
         if "rate" in gf and "rate" in bull:
             ratio = gf["rate"] / bull["rate"]
@@ -52,6 +90,7 @@ class Results:
                     "drain ≥ BullMQ",
                     f"{gf['rate']:,.0f} vs {bull['rate']:,.0f} tasks/s = {ratio:.2f}×",
                     _verdict(ratio >= 1.0),
+                    ratio,
                 )
             )
         http = self.systems.get("gpuflow (HTTP API)", {}).get("e2e")
@@ -68,10 +107,11 @@ class Results:
                         f"e2e {q} over HTTP < best peer's ({best})",
                         f"{http[q]:.2f} vs {lat[best][q]:.2f} ms",
                         _verdict(http[q] < lat[best][q]),
+                        lat[best][q] / http[q],
                     )
                 )
             else:
-                rows.append((f"e2e {q} over HTTP < best peer's", "not measured", "n/a"))
+                rows.append((f"e2e {q} over HTTP < best peer's", "not measured", "n/a", None))
         gh, bare = self.http.get("gpuflow"), self.http.get("bare")
         if gh and bare and bare["rps"] > 0:
             share = gh["rps"] / bare["rps"]
@@ -80,15 +120,25 @@ class Results:
                     f"POST /api/v2/tasks ≥ {HTTP_SHARE:.0%} of bare FastAPI + XADD",
                     f"{gh['rps']:,.0f} vs {bare['rps']:,.0f} req/s = {share:.0%}",
                     _verdict(share >= HTTP_SHARE),
+                    share / HTTP_SHARE,
                 )
             )
         else:
-            rows.append((f"POST /api/v2/tasks ≥ {HTTP_SHARE:.0%} of bare", "not measured", "n/a"))
-        for row in self.scale:
             rows.append(
-                (row.get("target") or row["metric"], row["value"], row.get("result", "n/a"))
+                (f"POST /api/v2/tasks ≥ {HTTP_SHARE:.0%} of bare", "not measured", "n/a", None)
             )
         return rows
+
+
+def _median(values: list[Any]) -> Any:
+    """Numbers: their median; dicts: key by key (over the rounds that have the key); anything
+    else: the last round's."""
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return statistics.median(values)
+    if all(isinstance(v, dict) for v in values):
+        keys = dict.fromkeys(k for v in values for k in v)
+        return {k: _median([v[k] for v in values if k in v]) for k in keys}
+    return values[-1]
 
 
 def _verdict(ok: bool) -> str:
@@ -97,6 +147,26 @@ def _verdict(ok: bool) -> str:
 
 def _num(v: Any, fmt: str = ",.0f") -> str:
     return "—" if v is None else format(v, fmt)
+
+
+def rounds_note(results: Results) -> str:
+    """With several rounds: each round's measured values and verdicts, target by target."""
+    per_round = results.round_targets()
+    if len(per_round) < 2:
+        return ""
+    lines = [
+        "",
+        "",
+        f"The systems ran round-robin {len(per_round)} times: each target above is its median "
+        "round's comparison, the tables below show each number's median. Each round alone:",
+        "",
+        "| Target | " + " | ".join(f"round {i + 1}" for i in range(len(per_round))) + " |",
+        "|---|" + "---|" * len(per_round),
+    ]
+    for i, (name, _, _) in enumerate(per_round[0]):
+        cells = [f"{r[i][1]} {r[i][2]}" if i < len(r) else "—" for r in per_round]
+        lines.append(f"| {name.split(' (')[0]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(results: Results) -> str:
@@ -156,6 +226,7 @@ def e2e_note(results: Results) -> str:
 def render(results: Results) -> str:
     m = results.machine
     targets = "\n".join(f"| {t} | {v} | **{r}** |" for t, v, r in results.targets())
+    targets += rounds_note(results)
     errors = "".join(
         f"\n- **{k}** did not finish: {_relative(v)}" for k, v in results.errors.items()
     )

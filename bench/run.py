@@ -442,17 +442,25 @@ class Bench:
         for name in self.args.only:
             if name in PEERS and (not PEERS[name].node or has_node()):
                 steps.append((name, lambda p=PEERS[name]: self.run_peer(p)))
+        # Round-robin: this machine's speed drifts by tens of percent over minutes, so each
+        # system runs once per round and the report shows medians over the rounds.
+        for i in range(self.args.rounds):
+            print(f"== round {i + 1} of {self.args.rounds}", flush=True)
+            for name, step in steps:
+                self.attempt(name, step)
+            self.results.end_round()
         if self.args.scale:
-            steps.append(("scale", self.run_scale))
-        for name, step in steps:
-            try:
-                step()
-            except Exception as exc:  # one failed peer must not sink the others
-                print(f"!! {name} failed: {exc!r} (traceback in logs/errors.log)", flush=True)
-                with (self.logs / "errors.log").open("a") as log:
-                    log.write(f"--- {name}\n{traceback.format_exc()}\n")
-                self.results.errors[name] = str(exc)
+            self.attempt("scale", self.run_scale)
         self.flush()
+
+    def attempt(self, name: str, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception as exc:  # one failed peer must not sink the others
+            print(f"!! {name} failed: {exc!r} (traceback in logs/errors.log)", flush=True)
+            with (self.logs / "errors.log").open("a") as log:
+                log.write(f"--- {name}\n{traceback.format_exc()}\n")
+            self.results.errors[name] = str(exc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,7 +80,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=20_000, help="tasks drained (and batch-enqueued)")
     p.add_argument("--e2e", type=int, default=500, help="end-to-end round trips")
     p.add_argument("--enqueue", type=int, default=2_000, help="single-call enqueues")
-    p.add_argument("--quick", action="store_true", help="N=2000, 100 round trips, 500 enqueues")
+    p.add_argument(
+        "--quick", action="store_true", help="N=2000, 100 round trips, 500 enqueues, 1 round"
+    )
     p.add_argument("--only", default="gpuflow," + ",".join(PEERS), help="systems to run")
     p.add_argument(
         "--gpuflow-setup", default="2x1x64", help="worker processes x GPUs x concurrency"
@@ -88,6 +90,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-http", action="store_true", help="no HTTP ceiling runs")
     p.add_argument("--conns", type=int, default=32, help="HTTP ceiling: concurrent connections")
     p.add_argument("--http-seconds", type=float, default=5.0)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="run the systems round-robin this many times; the tables show medians",
+    )
     p.add_argument("--scale", action="store_true", help="include bench/scale.py's rows")
     p.add_argument("--phase-timeout", type=int, default=300, help="seconds per phase")
     p.add_argument("--redis-server", default=os.environ.get("GPUFLOW_REDIS_SERVER"))
@@ -98,10 +106,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = p.parse_args(argv)
     if args.quick:
-        args.n, args.e2e, args.enqueue = (
+        args.n, args.e2e, args.enqueue, args.rounds = (
             min(args.n, 2_000),
             min(args.e2e, 100),
             min(args.enqueue, 500),
+            1,
         )
+    args.rounds = max(1, args.rounds)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     return args
