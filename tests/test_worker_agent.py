@@ -293,3 +293,41 @@ async def test_deleted_node_registers_again(services: Services, transport: Redis
         gpu = await s.gpus.get(specs[0].gpu_id)
     assert done[task]["result"] == "served"
     assert gpu["status"] == "ACTIVE"
+
+
+async def test_heartbeat_registers_a_deleted_busy_node_and_its_siblings_keep_beating(
+    services: Services, transport: RedisTransport
+) -> None:
+    """Both nodes' one slot is busy, so only the heartbeat can notice that one was deleted:
+    the agent's shared heartbeat round registers it again, and the other node's beat goes
+    on meanwhile."""
+    s = services
+    running_now: set[str] = set()
+    both = asyncio.Event()
+
+    async def handler(payload: Any, ctx: TaskContext) -> str:
+        running_now.add(ctx.gpu_id)
+        if len(running_now) == 2:
+            both.set()
+        for _ in range(300):  # until told to stop (bounded: 3 s)
+            if ctx.should_stop():
+                break
+            await asyncio.sleep(0.01)
+        return "done"
+
+    specs = nodes([27], gpus=2)
+    gone, kept = specs[0].gpu_id, specs[1].gpu_id
+    work = agent(Worker({27: handler}), transport, specs, heartbeat_interval_s=0.2)
+    async with running(work):
+        await create(s.tasks, 27)
+        await create(s.tasks, 27)
+        await asyncio.wait_for(both.wait(), 10)
+        await s.gpus.delete(gone)
+        before = (await s.gpus.get(kept))["lastHeartbeat"]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while not await s.store.redis.exists(s.store.keys.gpu(gone)):
+            assert loop.time() < deadline, "the deleted node was not registered again"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        assert (await s.gpus.get(kept))["lastHeartbeat"] > before

@@ -127,14 +127,17 @@ class Node:
         jobs = sorted(self.jobs.values(), key=lambda j: j.task.attempt)
         return {job.task.task_id: job.task.attempt for job in jobs}
 
-    async def beat(self, done: asyncio.Event, backoff: Backoff) -> float:
+    async def beat(self, backoff: Backoff) -> float:
         """One heartbeat; returns the delay until the next (shorter after a failure)."""
         try:
             try:
                 self._stop_tasks(await self.transport.heartbeat(self.gpu_id, self.running()))
             except NodeUnknown:
+                # One attempt: the agent's other nodes beat in the same round and must not
+                # wait on this one's retries (a failure backs off like a failed beat).
                 log.warning("%s: unknown to the system, registering again", self.gpu_id)
-                await self.register(done)
+                await self.transport.register(self.spec)
+                log.info("%s: registered again", self.gpu_id)
         except (TransportError, TransportRejected) as exc:
             delay = backoff.step()
             log.warning("%s: heartbeat failed (%s), retrying in %.1fs", self.gpu_id, exc, delay)
@@ -375,9 +378,7 @@ async def heartbeat_loop(nodes: Sequence[Node], done: asyncio.Event, interval_s:
     backoffs = [Backoff(cap=interval_s) for _ in nodes]
     delay = interval_s
     while not await _next_beat(nodes, done, delay):
-        delays = await asyncio.gather(
-            *(n.beat(done, b) for n, b in zip(nodes, backoffs, strict=True))
-        )
+        delays = await asyncio.gather(*(n.beat(b) for n, b in zip(nodes, backoffs, strict=True)))
         delay = min(delays)
 
 
