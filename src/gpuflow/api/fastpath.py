@@ -15,6 +15,8 @@ document describes.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TypeVar
 
 from pydantic import ValidationError
 from starlette.responses import Response
@@ -34,6 +36,7 @@ BATCH_PATH = "/api/v2/gpus/heartbeats"
 #: larger ones go to the route, behind the app's body limit.
 MAX_BODY = 1 << 20
 ROLES = frozenset({Role.ADMIN, Role.WORKER})
+T = TypeVar("T")
 _AUTH_HEADERS = {b"x-api-key": "x-api-key", b"authorization": "authorization"}
 
 
@@ -64,17 +67,13 @@ class HeartbeatFastPath:
             return
         state = scope["app"].state
         system: System = state.system
-        taken = await authorized_body(self.app, scope, receive, send, key, ROLES)
+        parse = partial(_beat_call, system, gpu_id)
+        taken = await validated_body(self.app, scope, receive, send, key, ROLES, parse)
         if taken is None:
             return
-        _, body = taken
-        try:
-            answer = await _answer(system, gpu_id, body)
-        except ValidationError:
-            await self.app(scope, replay(body, receive), send)  # the route's 400
-            return
+        _, call = taken
         state.fast_heartbeats = getattr(state, "fast_heartbeats", 0) + 1
-        await answer(scope, receive, send)
+        await (await call())(scope, receive, send)
 
 
 async def authorized_body(
@@ -83,7 +82,7 @@ async def authorized_body(
     """The caller's principal and the request body, for a key of one of ``roles``; None
     once the request is answered: 503 as the route would when the lookup fails, the route
     itself for an unknown key or another role (its 401 / 403), nothing when the client
-    went away. Shared by the fast paths."""
+    went away."""
     system: System = scope["app"].state.system
     try:
         principal = await system.keys.lookup(key)
@@ -97,6 +96,29 @@ async def authorized_body(
     if body is None:
         return None  # the client went away
     return principal, body
+
+
+async def validated_body(
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    key: str,
+    roles: frozenset[Role],
+    parse: Callable[[bytes], T],
+) -> tuple[Principal, T] | None:
+    """:func:`authorized_body`, then ``parse`` of the body (a model's ``validate_json``); a
+    body the model refuses goes to the route, for its 400. None once the request is
+    answered. Shared by the fast paths."""
+    taken = await authorized_body(app, scope, receive, send, key, roles)
+    if taken is None:
+        return None
+    principal, body = taken
+    try:
+        return principal, parse(body)
+    except ValidationError:
+        await app(scope, replay(body, receive), send)
+        return None
 
 
 def _is_post(scope: Scope) -> bool:
@@ -157,16 +179,19 @@ def replay(body: bytes, receive: Receive) -> Callable[[], Awaitable[Message]]:
     return replay
 
 
-async def _answer(system: System, gpu_id: str | None, body: bytes) -> Response:
-    """The answer to one heartbeat (``gpu_id`` None: the batch endpoint); raises
-    ValidationError, before any effect, for a body the route must refuse."""
+def _beat_call(
+    system: System, gpu_id: str | None, body: bytes
+) -> Callable[[], Awaitable[Response]]:
+    """The answer to come for one heartbeat request (``gpu_id`` None: the batch endpoint);
+    raises ValidationError, before any effect, for a body the route must refuse."""
     if gpu_id is None:
-        return await _beats(system, HeartbeatsIn.model_validate_json(body))
+        beats = HeartbeatsIn.model_validate_json(body)
+        return partial(_beats, system, beats)
     running: dict[str, int] | None = None
     if body:
         beat = HeartbeatIn.model_validate_json(body)
         running = {t.taskId: t.attempt for t in beat.running}
-    return await _beat(system, gpu_id, running)
+    return partial(_beat, system, gpu_id, running)
 
 
 async def _beats(system: System, beats: HeartbeatsIn) -> Response:

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import re
 
-from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpuflow.api.envelope import envelope, error_for
-from gpuflow.api.fastpath import MAX_BODY, authorized_body, read_headers, replay
+from gpuflow.api.fastpath import MAX_BODY, read_headers, validated_body
 from gpuflow.api.routes_tasks import MAX_WAIT_S, new_task_of, submit
 from gpuflow.api.schemas import TaskCreate
 from gpuflow.core.apikeys import Role
@@ -69,15 +68,11 @@ class CreateFastPath:
             return
         state = scope["app"].state
         system: System = state.system
-        taken = await authorized_body(self.app, scope, receive, send, key, ROLES)
+        parse = TaskCreate.model_validate_json
+        taken = await validated_body(self.app, scope, receive, send, key, ROLES, parse)
         if taken is None:
             return
-        principal, body = taken
-        try:
-            task = TaskCreate.model_validate_json(body)
-        except ValidationError:
-            await self.app(scope, replay(body, receive), send)  # the route's 400
-            return
+        principal, task = taken
         state.fast_creates = getattr(state, "fast_creates", 0) + 1
         try:
             new = new_task_of(task, principal)
