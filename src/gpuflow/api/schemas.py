@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
 from gpuflow.core.apikeys import Role
-from gpuflow.core.models import TaskStatus, Tier
+from gpuflow.core.models import MAX_BEATS, TaskStatus, Tier
 
 JsonValue = dict[str, Any] | list[Any] | str | int | float | bool | None
 
@@ -163,10 +163,6 @@ class HeartbeatIn(Input):
 class HeartbeatOut(BaseModel):
     status: str
     stop: list[str] = Field(description="Task ids the node must stop (canceled, timed out).")
-
-
-#: Beats one ``POST /api/v2/gpus/heartbeats`` may carry (an agent's GPUs: 8 on a big box).
-MAX_BEATS = 256
 
 
 class BeatIn(Input):

@@ -88,6 +88,10 @@ def task_view(h: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+#: Heartbeats one batch request (``POST /api/v2/gpus/heartbeats``) may carry: the api's
+#: bound, and the most an HTTP agent puts in one (an agent's GPUs, 8 on a big box).
+MAX_BEATS = 256
+
 GPU_INT_FIELDS = (
     "port",
     "lastHeartbeat",

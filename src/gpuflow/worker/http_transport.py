@@ -18,6 +18,7 @@ from urllib.parse import quote
 import httpx
 
 from gpuflow.core.coalesce import Coalescer
+from gpuflow.core.models import MAX_BEATS
 from gpuflow.worker.transport import (
     ClaimedTask,
     NodeSpec,
@@ -29,7 +30,6 @@ from gpuflow.worker.transport import (
 
 CLAIM_EXTRA_S = 15.0
 BEATS_PATH = "/api/v2/gpus/heartbeats"
-MAX_BEATS = 256  # the api's limit per request (schemas.MAX_BEATS)
 Beat = tuple[str, Mapping[str, int]]
 log = logging.getLogger("gpuflow.worker")
 
