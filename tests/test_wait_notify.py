@@ -34,8 +34,9 @@ async def until(check: object, what: str) -> None:
     raise AssertionError(f"never {what}")
 
 
-async def numsub(store: Store, task_id: str) -> int:
-    ((_, n),) = await store.redis.pubsub_numsub(f"{store.settings.namespace}ev:{task_id}")
+async def numsub(store: Store, task_id: str, final: bool = False) -> int:
+    kind = "evf" if final else "ev"
+    ((_, n),) = await store.redis.pubsub_numsub(f"{store.settings.namespace}{kind}:{task_id}")
     return int(n)
 
 
@@ -111,17 +112,22 @@ async def test_an_own_task_id_is_watched_without_a_subscribe(
     notifier: TaskNotifier, services: Services, store: Store
 ) -> None:
     """Create-and-wait's ids are covered by the connection's one pattern: live at once, no
-    SUBSCRIBE (nothing to wait for before the create), and woken by the scripts' emits."""
+    SUBSCRIBE (nothing to wait for before the create), woken by the scripts' emits of the
+    task's end only; a plain watch of the same id in the same process still subscribes and
+    hears every step."""
     await until(lambda: notifier.connected, "connected")
     task_id = notifier.own_task_id()
     assert task_id.startswith("task_") and len(task_id) == len("task_") + 32
-    async with notifier.watch(task_id) as w:
+    async with notifier.watch(task_id, final=True) as w:
         assert w.live
-        assert await numsub(store, task_id) == 0  # no channel subscription of its own
-        await services.tasks.create(NewTask(task_type=1), task_id=task_id)
-        assert await w.next(5) == "QUEUED"
-        await services.tasks.cancel(task_id)
-        assert await w.next(5) == "CANCELED"
+        assert await numsub(store, task_id, final=True) == 0  # no subscription of its own
+        async with notifier.watch(task_id) as steps:
+            assert steps.live and await numsub(store, task_id) == 1
+            await services.tasks.create(NewTask(task_type=1), task_id=task_id)
+            assert await steps.next(5) == "QUEUED"
+            await services.tasks.cancel(task_id)
+            assert await steps.next(5) == "CANCELED"
+        assert await w.next(5) == "CANCELED"  # the first note the end's watcher hears
     assert notifier.own_task_id()[:13] == task_id[:13]  # one tag per process
     assert notifier.own_task_id() != task_id
 
@@ -134,14 +140,15 @@ async def test_another_process_watches_an_own_id_the_usual_way(
     try:
         await until(lambda: notifier.connected and other.connected, "connected")
         task_id = notifier.own_task_id()
-        async with notifier.watch(task_id) as mine, other.watch(task_id) as theirs:
+        mine, theirs = notifier.watch(task_id, final=True), other.watch(task_id, final=True)
+        async with mine as mine, theirs as theirs:
             assert mine.live and theirs.live
-            assert await numsub(store, task_id) == 1  # the other process's SUBSCRIBE
-            await store.redis.publish(notifier.channel(task_id), "COMPLETED")
+            assert await numsub(store, task_id, final=True) == 1  # the other's SUBSCRIBE
+            await store.redis.publish(notifier.channel(task_id, final=True), "COMPLETED")
             assert await mine.next(5) == "COMPLETED" and await theirs.next(5) == "COMPLETED"
         other_id = other.own_task_id()
         async with notifier.watch("t-any") as unrelated:
-            await store.redis.publish(notifier.channel(other_id), "COMPLETED")
+            await store.redis.publish(notifier.channel(other_id, final=True), "COMPLETED")
             assert await unrelated.next(0.2) is None
     finally:
         await other.close()
@@ -152,12 +159,12 @@ async def test_own_watchers_resync_after_a_dropped_connection(
 ) -> None:
     await until(lambda: notifier.connected, "connected")
     task_id = notifier.own_task_id()
-    async with notifier.watch(task_id) as w:
+    async with notifier.watch(task_id, final=True) as w:
         await store.redis.execute_command("CLIENT", "KILL", "SKIPME", "yes", "TYPE", "pubsub")
         assert await w.next(5) == RESYNC
         await until(lambda: w.live, "live again")
         assert await w.next(5) == RESYNC  # the pattern is back: re-read once more
-        await store.redis.publish(notifier.channel(task_id), "FAILED")
+        await store.redis.publish(notifier.channel(task_id, final=True), "FAILED")
         assert await w.next(5) == "FAILED"
 
 
@@ -168,10 +175,10 @@ async def test_the_own_pattern_escapes_the_namespace(redis_url: str, store: Stor
     try:
         await until(lambda: hub.connected, "connected")
         task_id = hub.own_task_id()
-        async with hub.watch(task_id) as w:
-            await store.redis.publish(f"gXYZa:ev:{task_id}", "COMPLETED")  # the glob's match
+        async with hub.watch(task_id, final=True) as w:
+            await store.redis.publish(f"gXYZa:evf:{task_id}", "COMPLETED")  # the glob's match
             assert await w.next(0.2) is None
-            await store.redis.publish(hub.channel(task_id), "COMPLETED")
+            await store.redis.publish(hub.channel(task_id, final=True), "COMPLETED")
             assert await w.next(5) == "COMPLETED"
     finally:
         await hub.close()
@@ -192,16 +199,18 @@ async def test_an_awaited_task_completes_with_its_view_in_the_note(
     await s.gpus.register(GpuSpec("gn", [5], max_concurrent_tasks=2))
     await until(lambda: notifier.connected, "connected")
     awaited, plain = notifier.own_task_id(), notifier.own_task_id()
-    async with notifier.watch(awaited) as w, notifier.watch(plain) as p:
+    w, p = notifier.watch(awaited, final=True), notifier.watch(plain, final=True)
+    async with w as w, p as p, notifier.watch(awaited) as steps:
         await s.tasks.create(NewTask(5, '{"in": 1}'), task_id=awaited, awaited=True)
         await s.tasks.create(NewTask(5, "x"), task_id=plain)
-        assert await w.next(5) == "QUEUED" and await p.next(5) == "QUEUED"
         assert len(await s.dispatch.claim("gn")) == 2
-        assert await w.next(5) == "PROCESSING" and await p.next(5) == "PROCESSING"
+        assert await steps.next(5) == "QUEUED" and await steps.next(5) == "PROCESSING"
+        assert await w.next(0.2) is None and await p.next(0) is None  # steps: not for them
         await s.tasks.finish(awaited, TaskStatus.COMPLETED, '{"out": 2}', attempt=1)
         await s.tasks.finish(plain, TaskStatus.COMPLETED, "y", attempt=1)
         note = await w.next(5)
         assert await p.next(5) == "COMPLETED"
+        assert await steps.next(5) == "COMPLETED"  # every step's channel: the bare status
     assert note is not None
     status, _, fields = note.partition("\n")
     assert status == "COMPLETED"
@@ -237,9 +246,8 @@ async def test_a_big_result_leaves_the_fields_out_of_the_note(
     await s.gpus.register(GpuSpec("gb", [6]))
     await until(lambda: notifier.connected, "connected")
     task_id = notifier.own_task_id()
-    async with notifier.watch(task_id) as w:
+    async with notifier.watch(task_id, final=True) as w:
         await s.tasks.create(NewTask(6, "x"), task_id=task_id, awaited=True)
         assert len(await s.dispatch.claim("gb")) == 1
         await s.tasks.finish(task_id, TaskStatus.COMPLETED, "r" * 70_000, attempt=1)
-        notes = [await w.next(5) for _ in range(3)]
-    assert notes == ["QUEUED", "PROCESSING", "COMPLETED"]
+        assert await w.next(5) == "COMPLETED"

@@ -152,8 +152,8 @@ async def submit(
     deadline = asyncio.get_running_loop().time() + wait
     task_id = notifier.own_task_id()
     # Watched before the task exists (an id of this process's own channels: no SUBSCRIBE to
-    # wait for), so even a task that ends at once wakes this request.
-    async with notifier.watch(task_id) as watch:
+    # wait for), so even a task that ends at once wakes this request; only its end wakes it.
+    async with notifier.watch(task_id, final=True) as watch:
         created = await system.tasks.create(new, idem, task_id, awaited=True)
         read = partial(system.tasks.get, created["taskId"])
         if created["taskId"] == task_id:

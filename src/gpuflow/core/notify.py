@@ -8,11 +8,14 @@ Only then does the request read the task's state, so a transition can never slip
 the read and the wait (no lost wake-up). Messages are dispatched to each watcher's small
 queue; the request re-reads the state when woken.
 
-A task this process creates and awaits at once (create with ``wait``) needs no SUBSCRIBE,
-and so no round trip before the create: it gets an id from :meth:`TaskNotifier.own_task_id`,
-which starts with this process's random tag, and the connection holds one ``PSUBSCRIBE`` of
-every channel with that tag (``<prefix>ev:task_<tag>*``), confirmed before the connection
-counts as up. Other processes watch such a task the usual way.
+A final status is also published on ``<prefix>evf:<taskId>``: a request that awaits only
+the end (create with ``wait``) watches that channel (``watch(final=True)``) and is not woken
+by the steps on the way (queued, started, progress). A task this process creates and awaits
+at once needs no SUBSCRIBE, and so no round trip before the create: it gets an id from
+:meth:`TaskNotifier.own_task_id`, which starts with this process's random tag, and the
+connection holds one ``PSUBSCRIBE`` of every final channel with that tag
+(``<prefix>evf:task_<tag>*``), confirmed before the connection counts as up. Every other
+watch, in this process or another, subscribes its channel the usual way.
 
 When the connection drops (Redis restart), every watcher is told :data:`RESYNC` and, until
 the channel is subscribed again, :meth:`Watch.next` returns after at most
@@ -135,8 +138,9 @@ class TaskNotifier:
     def __init__(self, url: str, namespace: str, *, max_watchers: int = MAX_WATCHERS) -> None:
         self._url = url
         self._prefix = f"{namespace}ev:"
+        self._final_prefix = f"{namespace}evf:"
         self._tag = secrets.token_hex(4)
-        self._own = f"{self._prefix}task_{self._tag}"
+        self._own = f"{self._final_prefix}task_{self._tag}"
         self._pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self._own) + "*"
         self.max_watchers = max_watchers
         self._chans: dict[str, _Chan] = {}
@@ -148,12 +152,14 @@ class TaskNotifier:
         self._reader: asyncio.Task[None] | None = None
         self.connected = False
 
-    def channel(self, task_id: str) -> str:
-        return self._prefix + task_id
+    def channel(self, task_id: str, final: bool = False) -> str:
+        """The channel of every transition of the task, or (``final``) of its end only."""
+        return (self._final_prefix if final else self._prefix) + task_id
 
     def own_task_id(self) -> str:
-        """A fresh task id (the usual 32 hex digits) that this process can watch without a
-        SUBSCRIBE: for a task it is about to create and await."""
+        """A fresh task id (the usual 32 hex digits) whose end this process can watch
+        without a SUBSCRIBE (``watch(id, final=True)``): for a task it is about to create and
+        await."""
         return f"task_{self._tag}{uuid.uuid4().hex[8:]}"
 
     @property
@@ -192,11 +198,12 @@ class TaskNotifier:
     # --- watching -------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def watch(self, task_id: str) -> AsyncIterator[Watch]:
-        """Subscribe to ``task_id``'s notes for the block's duration; read the task's state
-        only inside the block. Unavailable (503) when too many requests already wait."""
+    async def watch(self, task_id: str, final: bool = False) -> AsyncIterator[Watch]:
+        """Subscribe to ``task_id``'s notes (``final``: only its final status) for the
+        block's duration; read the task's state only inside the block. Unavailable (503) when
+        too many requests already wait."""
         self.check_capacity()
-        name = self.channel(task_id)
+        name = self.channel(task_id, final)
         chan = self._chans.get(name)
         if chan is None:
             chan = self._chans[name] = _Chan(name, own=name.startswith(self._own))

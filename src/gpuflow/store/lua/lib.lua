@@ -109,18 +109,23 @@ local function emit(kind, id, status, extra, view_of)
   if extra then for _, v in ipairs(extra) do table.insert(args, v) end end
   redis.call(unpack(args))
   -- Wake whoever awaits this task (long-poll, SSE): costs next to nothing when nobody
-  -- listens. The channel name mirrors gpuflow/core/notify.py (TaskNotifier.channel).
+  -- listens. The channel names mirror gpuflow/core/notify.py (TaskNotifier.channel).
   -- ``view_of`` (the task's key, for a final status of a task created by a request that
-  -- awaits it): the note also carries the task's fields, "<status>\n<JSON array of
+  -- awaits it): the final note also carries the task's fields, "<status>\n<JSON array of
   -- field, value, ...>", so that request answers without reading the task again; not past
   -- 64 KB (a big result would fill the subscribers' output buffers: they read it instead).
+  -- A final status also goes to ``evf:<id>``, the channel of requests that await only the
+  -- end (create-and-wait): they are not woken by every step on the way.
   if id ~= '' then
-    local note = status
-    if view_of then
-      local fields = cjson.encode(redis.call('HGETALL', view_of))
-      if #fields <= 65536 then note = status .. '\n' .. fields end
+    redis.call('PUBLISH', P .. 'ev:' .. id, status)
+    if TERMINAL[status] then
+      local note = status
+      if view_of then
+        local fields = cjson.encode(redis.call('HGETALL', view_of))
+        if #fields <= 65536 then note = status .. '\n' .. fields end
+      end
+      redis.call('PUBLISH', P .. 'evf:' .. id, note)
     end
-    redis.call('PUBLISH', P .. 'ev:' .. id, note)
   end
 end
 
