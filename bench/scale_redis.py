@@ -102,7 +102,8 @@ class Loader:
                     # Tasks.create would
                     self._call(
                         p, "create_task", "", "", s.idempotency_ttl_s, 0,
-                        s.default_processing_ms, task_id, *fields,
+                        s.default_processing_ms, s.lease_ms, s.timeout_grace_ms,
+                        s.timeout_warning_fraction, task_id, *fields,
                     )  # fmt: skip
                 p.execute()
             done = min(done + batch, n)
@@ -125,10 +126,10 @@ class Loader:
         reply = self.scripts["claim"](
             keys=[],
             args=[*self.head, gpu_id, s.lease_ms, s.timeout_grace_ms,
-                  s.timeout_warning_fraction, 0, "full", 0, *streams],
+                  s.timeout_warning_fraction, 0, "full", 0, 0, *streams],
         )  # fmt: skip
         ids = []
-        for flat in reply[1:]:
+        for flat in reply[2:]:
             h = dict(zip(flat[::2], flat[1::2], strict=True))
             ids.append(h["taskId"])
         return ids

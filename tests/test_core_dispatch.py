@@ -10,6 +10,7 @@ from gpuflow.core.errors import Conflict, NotFound
 from gpuflow.core.gpus import GpuSpec
 from gpuflow.core.models import GpuStatus, TaskStatus, Tier
 from gpuflow.core.tasks import NewTask
+from gpuflow.store import Store
 
 from .conftest import Services
 
@@ -115,8 +116,9 @@ async def test_a_resent_create_script_answers_the_same_task(services: Services) 
     """redis-py resends a command after a dropped connection; the task id makes it safe."""
     s = services
     fields = ["taskType", 1, "tier", "NORMAL", "payload", "x", "maxRetries", 0, "timeout", 1000]
-    first = await s.store.scripts.call("create_task", "", "", 60, 1, 1000, "task_same", *fields)
-    again = await s.store.scripts.call("create_task", "", "", 60, 1, 1000, "task_same", *fields)
+    head = ("", "", 60, 1, 1000, 30_000, 5_000, 0.8, "task_same")  # ..., lease, grace, fraction
+    first = await s.store.scripts.call("create_task", *head, *fields)
+    again = await s.store.scripts.call("create_task", *head, *fields)
     assert first == again and first[0] == "OK"
     _, total = await s.tasks.list()
     assert total == 1
@@ -243,3 +245,147 @@ async def test_entries_of_a_blocking_read_start_in_priority_order(services: Serv
     vips = [(await s.tasks.create(NewTask(1, f"v{i}", priority=5)))["taskId"] for i in range(2)]
     got = await s.dispatch.claim("g1", wait_s=5)
     assert [t["taskId"] for t in got] == [*vips, normal]
+
+
+# --- push dispatch: a waiting GPU gets new tasks started and pushed to its inbox ----------
+
+
+async def _waiting(s: Services, gpu_id: str) -> asyncio.Task[list[list[object]]]:
+    """An agent's claim blocked on its inbox (its first call registers it as waiting)."""
+    claim = asyncio.create_task(s.dispatch.claim_rows(gpu_id, 5.0, push=True))
+    flag = s.store.keys.gpu_waiting(gpu_id)
+    for _ in range(400):
+        if await s.store.redis.exists(flag):
+            return claim
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{gpu_id} never waited")
+
+
+async def test_a_new_task_is_started_for_a_waiting_gpu_and_pushed(services: Services) -> None:
+    s = services
+    await s.gpus.register(GpuSpec("p1", [1], max_concurrent_tasks=2))
+    claim = await _waiting(s, "p1")
+    created = await s.tasks.create(NewTask(1, '{"in": 1}', priority=0))
+    assert created["status"] == "PROCESSING"  # started before create answered
+    (row,) = await asyncio.wait_for(claim, 5)
+    assert row[0] == created["taskId"] and int(row[2]) == 1 and row[3] == "p1"
+    assert row[4] == '{"in": 1}'
+    task = await s.tasks.get(created["taskId"])
+    assert task["status"] == "PROCESSING" and task["gpuId"] == "p1" and task["attempt"] == 1
+    assert await s.store.redis.xlen(s.store.keys.queue(1, "NORMAL")) == 0  # never queued
+    assert await s.store.redis.scard(s.store.keys.gpu_running("p1")) == 1
+    # Room for one more: it is still waiting, so the next task is pushed without a claim call.
+    assert await s.store.redis.exists(s.store.keys.gpu_waiting("p1"))
+    second = asyncio.create_task(s.dispatch.claim_rows("p1", 5.0, push=True))
+    other = await s.tasks.create(NewTask(1, "b"))
+    assert [r[0] for r in await asyncio.wait_for(second, 5)] == [other["taskId"]]
+    # Full now: no longer waiting; the next task is queued in the stream.
+    assert not await s.store.redis.exists(s.store.keys.gpu_waiting("p1"))
+    third = await s.tasks.create(NewTask(1, "c"))
+    assert third["status"] == "QUEUED"
+    await s.tasks.finish(created["taskId"], TaskStatus.COMPLETED, "ok", attempt=1, gpu_id="p1")
+    assert [r[0] for r in await s.dispatch.claim_rows("p1", 5.0, push=True)] == [third["taskId"]]
+
+
+async def test_a_task_queued_another_way_wakes_a_waiting_gpu(services: Services) -> None:
+    """Retries, requeues and exclusive types go through the stream: the waiting GPU is woken
+    with an empty row and takes the task with its next claim."""
+    s = services
+    await s.gpus.register(GpuSpec("p2", [1]))
+    await s.gpus.register(GpuSpec("busy", [1], max_concurrent_tasks=1))
+    task = await s.tasks.create(NewTask(1, "x", max_retries=3))
+    (started,) = await s.dispatch.claim("busy")
+    assert started["taskId"] == task["taskId"]
+    claim = await _waiting(s, "p2")
+    await s.tasks.requeue(task["taskId"], attempt=1)  # e.g. its worker shut down
+    assert await asyncio.wait_for(claim, 5) == []  # woken at once, not after its 5 s
+    (row,) = await s.dispatch.claim_rows("p2", 5.0, push=True)
+    assert row[0] == task["taskId"] and row[3] == "p2"
+
+
+async def test_an_exclusive_task_is_not_pushed_but_wakes_the_gpu(
+    services: Services, store: Store
+) -> None:
+    s = services
+    await store.redis.hset(store.keys.tasktype(9), mapping={"exclusive": "1"})
+    await s.gpus.register(GpuSpec("p3", [9], max_concurrent_tasks=4))
+    claim = await _waiting(s, "p3")
+    created = await s.tasks.create(NewTask(9, "alone"))
+    assert created["status"] == "QUEUED"
+    assert await asyncio.wait_for(claim, 5) == []
+    (row,) = await s.dispatch.claim_rows("p3", 5.0, push=True)
+    assert row[0] == created["taskId"]
+    assert await store.redis.get(store.keys.gpulock("p3")) == created["taskId"]
+
+
+async def test_a_gpu_that_cannot_take_more_is_passed_over(services: Services) -> None:
+    """A waiter that went FAULTY (or is full, or locked) gets nothing; the next one does."""
+    s = services
+    await s.gpus.register(GpuSpec("w1", [1]))
+    await s.gpus.register(GpuSpec("w2", [1]))
+    first = await _waiting(s, "w1")
+    second = await _waiting(s, "w2")
+    await s.gpus.set_status("w1", GpuStatus.FAULTY, "fan")
+    created = await s.tasks.create(NewTask(1, "x"))
+    assert [r[0] for r in await asyncio.wait_for(second, 5)] == [created["taskId"]]
+    assert not first.done()
+    assert await s.dispatch.unwait("w1") == 0
+    assert await asyncio.wait_for(first, 5) == []  # the empty row ended its read
+
+
+async def test_stopping_puts_back_what_was_pushed_and_not_taken(services: Services) -> None:
+    s = services
+    await s.gpus.register(GpuSpec("p4", [1], max_concurrent_tasks=2))
+    claim = await _waiting(s, "p4")
+    first = await s.tasks.create(NewTask(1, "a"))
+    await asyncio.wait_for(claim, 5)  # the agent took the first; it stays waiting
+    second = await s.tasks.create(NewTask(1, "b"))  # pushed while no read is in progress
+    assert second["status"] == "PROCESSING"
+    assert await s.dispatch.unwait("p4") == 1
+    back = await s.tasks.get(second["taskId"])
+    assert back["status"] == "QUEUED" and back["gpuId"] in (None, "", "p4")
+    assert (await s.tasks.get(first["taskId"]))["status"] == "PROCESSING"
+    assert await s.store.redis.scard(s.store.keys.gpu_running("p4")) == 1
+    # Nothing is pushed to a stopped agent: a new task is queued.
+    assert (await s.tasks.create(NewTask(1, "c")))["status"] == "QUEUED"
+
+
+async def test_a_pushed_task_the_agent_missed_comes_with_its_next_claim(
+    services: Services,
+) -> None:
+    """Pushed after its read ended (the flag outlives the read a little), or before a
+    restart: the next claim returns it, once, if it still runs there."""
+    s = services
+    await s.gpus.register(GpuSpec("p5", [1], max_concurrent_tasks=3))
+    claim = await _waiting(s, "p5")
+    claim.cancel()  # the read is gone; the GPU still counts as waiting
+    with pytest.raises(asyncio.CancelledError):
+        await claim
+    kept = await s.tasks.create(NewTask(1, "kept"))
+    gone = await s.tasks.create(NewTask(1, "canceled meanwhile"))
+    assert kept["status"] == gone["status"] == "PROCESSING"
+    await s.tasks.cancel(gone["taskId"])
+    rows = await s.dispatch.claim_rows("p5", 0.0, push=True, recover=True)
+    assert [r[0] for r in rows] == [kept["taskId"]]
+    assert await s.store.redis.llen(s.store.keys.gpu_inbox("p5")) == 0
+
+
+async def test_a_pushed_task_waiting_in_the_inbox_is_not_lost(services: Services) -> None:
+    """The agent lists only what it runs; a task pushed while its slots were full (by its
+    own count) waits in the inbox and is not taken for lost, however long it waits there."""
+    s = services
+    await s.gpus.register(GpuSpec("p6", [1], max_concurrent_tasks=2))
+    claim = await _waiting(s, "p6")
+    claim.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await claim
+    created = await s.tasks.create(NewTask(1, "x", max_retries=3))
+    key = s.store.keys.task(created["taskId"])
+    await s.store.redis.hset(key, "startedAt", 1)  # started long before the orphan grace
+    await s.gpus.heartbeat("p6", {})
+    assert (await s.tasks.get(created["taskId"]))["status"] == "PROCESSING"
+    (row,) = await s.dispatch.claim_rows("p6", 0.0, push=True)  # taken: now it must be listed
+    assert row[0] == created["taskId"]
+    await s.gpus.heartbeat("p6", {})
+    task = await s.tasks.get(created["taskId"])
+    assert task["status"] == "QUEUED" and task["retryCount"] == 1

@@ -186,12 +186,13 @@ async def frozen_later(redis_url: str) -> AsyncIterator[tuple[FreezingProxy, str
 
 
 async def wait_blocked_read(store: Store) -> None:
+    """Until a claim waits in Redis: the agent's BLPOP of its inbox (push dispatch)."""
     for _ in range(500):
         clients = await store.redis.client_list()
-        if any(c["cmd"] == "xreadgroup" and "b" in c["flags"] for c in clients):
+        if any(c["cmd"] == "blpop" and "b" in c["flags"] for c in clients):
             return
         await asyncio.sleep(0.01)
-    raise AssertionError("no claim blocked in XREADGROUP")
+    raise AssertionError("no claim blocked in BLPOP")
 
 
 @pytest.mark.redis
@@ -199,7 +200,8 @@ async def test_claims_resume_after_connections_die_silently(
     redis_url: str, namespace: str, tmp_path: Path
 ) -> None:
     """Every connection of the worker stops answering without being closed (its blocking
-    XREADGROUP would wait forever): the call deadline drops them and the worker reconnects."""
+    read would wait forever): the call deadline drops them and the worker reconnects; the
+    task pushed to it meanwhile comes with its next claim."""
     settings = fast_settings(namespace, tmp_path)
     async with (
         frozen_later(redis_url) as (proxy, proxied),

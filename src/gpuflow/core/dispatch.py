@@ -11,6 +11,16 @@ that one read its streams until they were empty, so the next goes straight to th
 read, which answers at once if entries came meanwhile (at most one per stream, all of which
 fit, and the script takes them in priority order). An idle node's cycle (wake, start,
 report, wait) is then one script call, not two.
+
+An agent that talks to Redis itself (``claim_rows(push=True)``) waits differently: its claim
+script, finding the streams empty with room left, registers the GPU as waiting, and the agent
+blocks on ``BLPOP`` of the GPU's inbox. The script that creates a task on one of its queues
+starts it for the GPU and pushes its row there (``store/lua/lib.lua``, ``waiting_gpu``): the
+agent wakes with the task already started, so a new task reaches an idle GPU in one hop
+instead of a wake-up and a claim. A task queued any other way (a retry, a requeue, an
+exclusive type) wakes a waiting GPU with an empty row, and it claims from the stream.
+The row says whether the GPU is still waiting (it had room for more), in which case the
+agent blocks again at once; otherwise its next claim registers it again.
 """
 
 from __future__ import annotations
@@ -37,6 +47,9 @@ STREAMS_TTL_S = 1.0
 #: Bound of the set of GPUs whose last claim emptied their streams (ids of deleted GPUs
 #: would otherwise stay in it); past it the set starts over.
 MAX_DRAINED = 100_000
+#: How much longer than its blocking read a GPU's waiting flag lives: a task pushed just as
+#: the read ends waits in the inbox for the next claim, which takes it (claim.lua).
+WAIT_MARGIN_MS = 1000
 
 
 #: A compact claim's fields, in the order claim.lua answers them.
@@ -73,6 +86,9 @@ class Dispatcher:
         #: GPUs whose last claim read their streams empty and left room for one task per
         #: stream: their next claim may go straight to the blocking read (``_note``).
         self._drained: set[str] = set()
+        #: GPUs registered as waiting for pushed tasks (``push=True``): their next claim
+        #: goes straight to the inbox.
+        self._waiting: set[str] = set()
 
     async def _node_streams(self, gpu_id: str) -> list[str]:
         """The streams the node reads, highest priority first (cached ``STREAMS_TTL_S``)."""
@@ -96,7 +112,9 @@ class Dispatcher:
         pre: list[tuple[str, str, str]],
         recover: bool,
         compact: bool,
-    ) -> tuple[int, list[dict[str, Any]]]:
+        wait_ms: int = 0,
+    ) -> tuple[int, bool, list[Any]]:
+        """(free capacity left, registered as waiting, started tasks)."""
         flat = [x for triple in pre for x in triple]
         s = self.store.settings
         try:
@@ -108,6 +126,7 @@ class Dispatcher:
                 s.timeout_warning_fraction,
                 1 if recover else 0,
                 "compact" if compact else "full",
+                wait_ms,
                 len(pre),
                 *flat,
                 *streams,
@@ -117,9 +136,10 @@ class Dispatcher:
                 self._streams.drop()
                 raise NotFound(f"GPU {gpu_id} not registered") from exc
             raise
+        free, waiting = int(reply[0]), reply[1] == 1
         if compact:
-            return int(reply[0]), reply[1:]
-        return started_tasks(reply)
+            return free, waiting, reply[2:]
+        return free, waiting, started_tasks(reply[2:])
 
     async def claim(
         self, gpu_id: str, wait_s: float = 0.0, *, recover: bool = False, compact: bool = False
@@ -132,11 +152,48 @@ class Dispatcher:
         return [_compact_view(row) for row in started] if compact else started
 
     async def claim_rows(
-        self, gpu_id: str, wait_s: float = 0.0, *, recover: bool = False
-    ) -> list[list[str]]:
+        self, gpu_id: str, wait_s: float = 0.0, *, recover: bool = False, push: bool = False
+    ) -> list[list[Any]]:
         """As ``claim(compact=True)``, each task as the script's row of :data:`COMPACT_FIELDS`
-        values ('' for a missing one): the agent builds its task from it directly."""
+        values ('' for a missing one): the agent builds its task from it directly. ``push``:
+        wait for pushed tasks (see the module docstring), for a caller that stops waiting
+        with :meth:`unwait` when it stops."""
+        if push:
+            return await self._take_pushed(gpu_id, wait_s, recover)
         return await self._take(gpu_id, wait_s, recover, True)
+
+    async def _take_pushed(self, gpu_id: str, wait_s: float, recover: bool) -> list[list[Any]]:
+        if gpu_id not in self._waiting or recover or wait_s <= 0:
+            streams = await self._node_streams(gpu_id)
+            if not streams:
+                await asyncio.sleep(min(wait_s, 1.0))
+                return []
+            wait_ms = int(wait_s * 1000) + WAIT_MARGIN_MS if wait_s > 0 else 0
+            free, waiting, started = await self._claim(gpu_id, streams, [], recover, True, wait_ms)
+            self._waiting.discard(gpu_id)
+            if waiting:
+                if len(self._waiting) >= MAX_DRAINED:
+                    self._waiting.clear()
+                self._waiting.add(gpu_id)
+            if started or not waiting:
+                if not started and free <= 0 and wait_s > 0:  # busy, locked, not ACTIVE
+                    await asyncio.sleep(min(wait_s, 1.0))
+                return started
+        reply = await self.blocking.blpop([self.store.keys.gpu_inbox(gpu_id)], timeout=wait_s)
+        raw = reply[1] if reply else None
+        if not raw:  # timed out, or woken to claim from a stream (or to stop)
+            self._waiting.discard(gpu_id)
+            return []
+        stay, *row = json.loads(raw)
+        if not stay:
+            self._waiting.discard(gpu_id)
+        return [row]
+
+    async def unwait(self, gpu_id: str) -> int:
+        """The GPU's agent stops: no more pushes, unclaimed pushed tasks go back to their
+        queues, a blocking read in progress ends. The number of tasks put back."""
+        self._waiting.discard(gpu_id)
+        return int(await self.store.scripts.call("unwait", gpu_id))
 
     async def _take(self, gpu_id: str, wait_s: float, recover: bool, compact: bool) -> list[Any]:
         streams = await self._node_streams(gpu_id)
@@ -144,7 +201,7 @@ class Dispatcher:
             await asyncio.sleep(min(wait_s, 1.0))
             return []
         if gpu_id not in self._drained or wait_s <= 0 or recover:
-            free, started = await self._claim(gpu_id, streams, [], recover, compact)
+            free, _, started = await self._claim(gpu_id, streams, [], recover, compact)
             if started or wait_s <= 0:
                 self._note(gpu_id, free, streams)
                 return started
@@ -167,7 +224,7 @@ class Dispatcher:
         ]
         if not pre:
             return []
-        free, started = await self._claim(gpu_id, streams, pre, False, compact)
+        free, _, started = await self._claim(gpu_id, streams, pre, False, compact)
         self._note(gpu_id, free, streams)
         return started
 

@@ -171,12 +171,16 @@ class Tasks:
             if idempotency is None
             else (self.keys.idem(idempotency.scope, idempotency.key), idempotency.body_hash)
         )
+        s = self.settings
         reply = await self.store.scripts.call(
             "create_task",
             *idem,
-            self.settings.idempotency_ttl_s,
+            s.idempotency_ttl_s,
             capacity,
-            self.settings.default_processing_ms,
+            s.default_processing_ms,
+            s.lease_ms,
+            s.timeout_grace_ms,
+            s.timeout_warning_fraction,
             task_id,
             *flat,
         )
@@ -185,11 +189,11 @@ class Tasks:
             return {k: first[k] for k in ("taskId", "displayId", "status", "estimatedWaitTime")}
         if reply[0] == "CONFLICT":
             raise Conflict(reply[1])
-        display, wait = reply[1], int(reply[2])
+        display, wait, status = reply[1], int(reply[2]), reply[3]
         return {
             "taskId": task_id,
             "displayId": int(display),
-            "status": TaskStatus.QUEUED.value,
+            "status": status,  # PROCESSING when a waiting GPU took it at once
             "estimatedWaitTime": wait,
         }
 
@@ -459,6 +463,6 @@ class Tasks:
         return int(await self.store.scripts.call("promote_delayed", limit))
 
 
-def started_tasks(reply: list[Any]) -> tuple[int, list[dict[str, Any]]]:
-    """Decode the claim script's reply into (free capacity, task views)."""
-    return int(reply[0]), [task_view(_pairs(flat)) for flat in reply[1:]]
+def started_tasks(rows: list[Any]) -> list[dict[str, Any]]:
+    """The views of the tasks a 'full' claim started (its reply's HGETALL arrays)."""
+    return [task_view(_pairs(flat)) for flat in rows]

@@ -20,6 +20,9 @@ key                             type     meaning
 ``delayed``                     zset     QUEUED task ids waiting for a retry backoff
 ``gpu:{id}``                    hash     one GPU node (seed's GpuNodeInfo)
 ``gpu:{id}:running``            set      task ids running on that GPU
+``gpu:{id}:waiting``            string   set while the GPU's agent waits for pushed tasks (PX TTL)
+``gpu:{id}:inbox``              list     tasks started for the waiting GPU, as JSON rows
+``q:{type}:{tier}:waiters``     zset     GPUs waiting on that queue, score = since when (ms)
 ``gpus``                        zset     GPU ids, score = registration time
 ``gpus:beats``                  zset     GPU ids, score = last heartbeat (OFFLINE detection)
 ``queues``                      set      every queue stream (for reclaiming stale entries)
@@ -106,6 +109,12 @@ class Keys:
 
     def gpu(self, gpu_id: str) -> str:
         return f"{self.prefix}gpu:{gpu_id}"
+
+    def gpu_inbox(self, gpu_id: str) -> str:
+        return f"{self.prefix}gpu:{gpu_id}:inbox"
+
+    def gpu_waiting(self, gpu_id: str) -> str:
+        return f"{self.prefix}gpu:{gpu_id}:waiting"
 
     def gpu_running(self, gpu_id: str) -> str:
         return f"{self.prefix}gpu:{gpu_id}:running"

@@ -36,6 +36,7 @@ SCRIPT_NAMES = (
     "check_timeouts",
     "sweep_locks",
     "purge_finished",
+    "unwait",
 )
 
 

@@ -193,6 +193,11 @@ class HttpTransport:
         )
         return [ClaimedTask.from_view(v) for v in data or []]
 
+    async def stop_waiting(self, gpu_id: str) -> bool:
+        """Nothing to do: the api starts a task for a node only within its claim request,
+        and a claim abandoned with its connection leaves nothing started."""
+        return False
+
     def _fence(self, task: ClaimedTask) -> dict[str, Any]:
         return {"gpuId": task.gpu_id, "attempt": task.attempt}
 

@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ from gpuflow.worker.transport import (
 log = logging.getLogger("gpuflow.worker")
 
 REPORT_PATIENCE_S = 60.0
+#: How long a stopping node waits for its ended claim (stop_waiting) before cancelling it.
+STOP_WAIT_S = 2.0
 
 
 @dataclass(slots=True)
@@ -201,6 +204,12 @@ class Node:
             await asyncio.wait({claim, stopper}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopper.cancel()
+        if not claim.done():
+            # Ends a claim blocked on pushed tasks and takes back what was pushed but not
+            # taken; one already on its way is in the claim's result, released below.
+            with contextlib.suppress(Exception):
+                if await self.transport.stop_waiting(self.gpu_id):
+                    await asyncio.wait({claim}, timeout=STOP_WAIT_S)
         if not claim.done():
             await cancel_and_wait(claim)
             if claim.cancelled() or claim.exception() is not None:

@@ -141,8 +141,13 @@ class RedisTransport:
         self, gpu_id: str, wait_s: float, *, recover: bool = False
     ) -> list[ClaimedTask]:
         async with self._call(node=True, wait_s=wait_s):
-            rows = await self.dispatcher.claim_rows(gpu_id, wait_s, recover=recover)
+            rows = await self.dispatcher.claim_rows(gpu_id, wait_s, recover=recover, push=True)
         return [ClaimedTask.from_row(row) for row in rows]
+
+    async def stop_waiting(self, gpu_id: str) -> bool:
+        async with self._call(node=True):
+            await self.dispatcher.unwait(gpu_id)
+        return True
 
     async def presence(self, stop: asyncio.Event) -> None:
         member = Membership(self.store, new_instance_id("worker"), lambda: "WORKER")

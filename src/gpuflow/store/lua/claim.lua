@@ -2,10 +2,14 @@
 -- ARGV[3] gpuId, ARGV[4] lease ms, ARGV[5] timeout grace ms, ARGV[6] timeout warning
 -- fraction, ARGV[7] recover 1|0 (first re-read this consumer's own pending entries, left
 -- behind by a crash between a blocking read and this script),
--- ARGV[8] reply 'full' | 'compact', ARGV[9] n = number of pre-delivered entries,
--- ARGV[10 .. 9+3n] (stream, entryId, taskId) triples the caller already read with a
+-- ARGV[8] reply 'full' | 'compact', ARGV[9] wait ms: when > 0 and the call reads every
+-- stream empty with room left, the GPU registers as waiting for that long (push dispatch,
+-- see waiting_gpu in lib.lua; 0: it does not), ARGV[10] n = number of pre-delivered entries,
+-- ARGV[11 .. 10+3n] (stream, entryId, taskId) triples the caller already read with a
 -- blocking XREADGROUP, then the stream names to read, highest priority first.
--- Returns {free capacity left, started task 1, ...}, each task a flat HGETALL array
+-- Tasks pushed to the GPU's inbox that its agent did not take (its blocking read ended
+-- first, or it restarted) and that still run here are started tasks of this call.
+-- Returns {free capacity left, waiting 1|0, started task 1, ...}, each task a flat HGETALL array
 -- ('full', the TaskDO of the HTTP claim), or ('compact', what the agent runs a task with)
 -- the values of taskId, taskType, attempt, gpuId, payload, priority, displayId, userId, app,
 -- timeout, retryCount, maxRetries ('' for a missing one) in that order
@@ -20,7 +24,8 @@ local lease = tonumber(ARGV[4])
 local grace, fraction = tonumber(ARGV[5]), tonumber(ARGV[6])
 local recover = ARGV[7] == '1'
 local compact = ARGV[8] == 'compact'
-local npre = tonumber(ARGV[9])
+local wait_ms = tonumber(ARGV[9])
+local npre = tonumber(ARGV[10])
 local gkey = k_gpu(gpu)
 local running = k_running(gpu)
 local g = redis.call('HMGET', gkey, 'status', 'maxConcurrentTasks')
@@ -30,6 +35,7 @@ local free = 0
 if g[1] == 'ACTIVE' then free = tonumber(g[2]) - redis.call('SCARD', running) end
 local started = {}
 write_later()
+redis.call('DEL', k_waitflag(gpu))  -- not waiting while it claims
 -- A GPU locked by an exclusive task takes nothing else.
 if redis.call('EXISTS', k_lock(gpu)) == 1 then free = 0 end
 local exclusive_of = {}  -- taskType -> exclusive (read once per call)
@@ -62,22 +68,9 @@ local function start(id, tkey, t)
     redis.call('SET', k_lock(gpu), id, 'PX', lease)
     redis.call('ZADD', K_LOCKS, now, gpu)
   end
-  move_index(id, 'QUEUED', 'PROCESSING', t[5], ttype, now)
-  local attempt = tonumber(t[8] or 0) + 1
-  -- progress is 0 and progressMessage empty already: create sets one, and every way back
-  -- to QUEUED (requeue, retry_or_end in lib.lua) resets both.
-  local fields = {'HSET', tkey, 'status', 'PROCESSING', 'attempt', attempt, 'gpuId', gpu,
-                  'startedAt', now, 'updatedAt', now, 'streamId', '', 'leaseDeadline', now + lease}
-  local ran = ran_on(t[6], gpu)
-  if ran then table.insert(fields, 'ranOn'); table.insert(fields, ran) end
-  redis.call(unpack(fields))
-  zadd(P .. 'idx:gpu:' .. gpu, t[5], id)
-  arm_timer_sets(id, now, lease, tonumber(t[7] or 0), grace, fraction)
-  sadd(running, id)
-  emit('started', id, 'PROCESSING', {'gpuId', gpu})
+  local row = start_on(gpu, id, tkey, t, now, lease, grace, fraction)
   if compact then
-    table.insert(started, {id, ttype, attempt, gpu, t[9] or '', t[10] or '', t[5], t[11] or '',
-                           t[12] or '', t[7] or '', t[13] or '', t[14] or ''})
+    table.insert(started, row)
   else
     table.insert(started, redis.call('HGETALL', tkey))
   end
@@ -89,9 +82,7 @@ end
 -- it when the task moved on (canceled, started by push, requeued under a newer entry).
 local function take(eid, id)
   local tkey = k_task(id)
-  local t = redis.call('HMGET', tkey, 'status', 'streamId', 'taskType', 'tier', 'displayId',
-                       'ranOn', 'timeout', 'attempt', 'payload', 'priority', 'userId', 'app',
-                       'retryCount', 'maxRetries')
+  local t = redis.call('HMGET', tkey, unpack(START_FIELDS))
   if t[3] then
     local sk = k_qstat(t[3], t[4])
     dequeued[sk] = (dequeued[sk] or 0) + 1
@@ -128,38 +119,67 @@ local function take_pre(q)
   pre[q] = nil
 end
 
+-- What was pushed to the inbox and not taken: still this GPU's attempt, it runs here.
+local function take_inbox()
+  local rows = redis.call('LRANGE', k_inbox(gpu), 0, -1)
+  if #rows == 0 then return end
+  redis.call('DEL', k_inbox(gpu))
+  for _, raw in ipairs(rows) do
+    if raw ~= '' then
+      local row = cjson.decode(raw)
+      table.remove(row, 1)  -- the stay-waiting flag
+      local tkey = k_task(row[1])
+      local t = redis.call('HMGET', tkey, 'status', 'gpuId', 'attempt')
+      if t[1] == 'PROCESSING' and t[2] == gpu and tonumber(t[3]) == tonumber(row[3]) then
+        for i, v in ipairs(row) do row[i] = tostring(v) end
+        table.insert(started, compact and row or redis.call('HGETALL', tkey))
+      end
+    end
+  end
+end
+
+local waiting = 0
 local function run()
+  take_inbox()
   for i = 0, npre - 1 do
-    local q = ARGV[10 + 3 * i]
+    local q = ARGV[11 + 3 * i]
     pre[q] = pre[q] or {}
-    table.insert(pre[q], {ARGV[11 + 3 * i], ARGV[12 + 3 * i]})
+    table.insert(pre[q], {ARGV[12 + 3 * i], ARGV[13 + 3 * i]})
   end
 
-  local first = 10 + 3 * npre
+  local first = 11 + 3 * npre
   if recover then
     for i = first, #ARGV do
       local r = redis.call('XREADGROUP', 'GROUP', GROUP, gpu, 'COUNT', 100, 'STREAMS', ARGV[i], '0')
       if r then take_all(ARGV[i], r[1][2]) end
     end
   end
+  local empty = true  -- every stream read to its end
   for i = first, #ARGV do
     local q = ARGV[i]
     take_pre(q)
-    local rounds = 0
+    local rounds, drained = 0, false
     while free > 0 and rounds < 50 do
       rounds = rounds + 1
       local r = redis.call('XREADGROUP', 'GROUP', GROUP, gpu, 'COUNT', free, 'STREAMS', q, '>')
-      if not r or #r[1][2] == 0 then break end
+      if not r or #r[1][2] == 0 then drained = true; break end
       take_all(q, r[1][2])
     end
+    empty = empty and drained
   end
   for q in pairs(pre) do take_pre(q) end  -- of a stream the node no longer reads
   for sk, count in pairs(dequeued) do redis.call('HINCRBY', sk, 'deq', count) end
+  if wait_ms > 0 and empty and free > 0 then
+    redis.call('SET', k_waitflag(gpu), wait_ms, 'PX', wait_ms)
+    for i = first, #ARGV do redis.call('ZADD', k_waiters(ARGV[i]), now, gpu) end
+    waiting = 1
+  end
 end
 local ok, err = pcall(run)
 flush_later()
 if not ok then
   return redis.error_reply(error_text(err))
 end
+table.insert(started, 1, waiting)
 table.insert(started, 1, free)
 return started

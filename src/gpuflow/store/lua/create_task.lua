@@ -2,12 +2,17 @@
 -- ARGV[3] idempotency key name ('' = none), ARGV[4] body hash, ARGV[5] its TTL (s),
 -- ARGV[6] capacity serving (type, tier), ARGV[7] processing ms assumed while the type has
 -- no measured average (tstat avgMs),
--- ARGV[8] task id, ARGV[9..] field/value pairs of the task hash (taskType, tier included;
+-- ARGV[8] lease ms, ARGV[9] timeout grace ms, ARGV[10] timeout warning fraction (for a
+-- task started at once on a waiting GPU: start_on in lib.lua),
+-- ARGV[11] task id, ARGV[12..] field/value pairs of the task hash (taskType, tier included;
 -- empty optional fields are left out: a missing field reads as null).
+-- A GPU waiting on the task's queue (waiting_gpu in lib.lua) gets it started and pushed to
+-- its inbox instead of the queue (not for an exclusive type: those need the claim's
+-- checks): {stay waiting 1|0, compact row...} as JSON.
 -- Writes estimatedWaitTime = ceil(ceil(ahead / capacity) * avg_s + avg_s), -1 with no capacity
 -- (the formula of core/estimate.py), ahead = tasks before it in its queue + queued VIP tasks
 -- of its type for a NORMAL task.
--- Returns {'OK', displayId, estimatedWaitTime},
+-- Returns {'OK', displayId, estimatedWaitTime, status},
 -- {'DUP', taskId} for a repeat of the same key and body, {'CONFLICT', why} for another body.
 local idem, body_hash = ARGV[3], ARGV[4]
 if idem ~= '' then
@@ -18,18 +23,19 @@ if idem ~= '' then
     return {'CONFLICT', 'Idempotency-Key was used with a different request body'}
   end
 end
-local id = ARGV[8]
+local lease, grace, fraction = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local id = ARGV[11]
 local tkey = k_task(id)
 if redis.call('EXISTS', tkey) == 1 then
   -- The same call resent by the client after a dropped connection (the id is per request).
-  local t = redis.call('HMGET', tkey, 'displayId', 'estimatedWaitTime')
-  return {'OK', tonumber(t[1]), tonumber(t[2] or -1)}
+  local t = redis.call('HMGET', tkey, 'displayId', 'estimatedWaitTime', 'status')
+  return {'OK', tonumber(t[1]), tonumber(t[2] or -1), t[3]}
 end
 local display = redis.call('INCR', P .. 'seq:display')
 local now = now_ms()
 local fields = {'HSET', tkey, 'taskId', id, 'displayId', display, 'status', 'QUEUED',
                 'createdAt', now, 'updatedAt', now, 'attempt', 0, 'retryCount', 0, 'progress', 0}
-for i = 9, #ARGV do table.insert(fields, ARGV[i]) end
+for i = 12, #ARGV do table.insert(fields, ARGV[i]) end
 redis.call(unpack(fields))
 local t = redis.call('HMGET', tkey, 'taskType', 'tier', 'userId')
 redis.call('ZADD', P .. 'idx:all', display, id)
@@ -37,8 +43,32 @@ redis.call('ZADD', k_status('QUEUED'), display, id)
 redis.call('ZADD', k_status_type('QUEUED', t[1]), display, id)
 redis.call('ZADD', P .. 'idx:type:' .. t[1], display, id)
 if t[3] and t[3] ~= '' then redis.call('ZADD', P .. 'idx:user:' .. t[3], display, id) end
-enqueue(id, tkey)
 emit('created', id, 'QUEUED', {'taskType', t[1]})
+local q = k_queue(t[1], t[2])
+local gpu = nil
+if redis.call('HGET', P .. 'tasktype:' .. t[1], 'exclusive') ~= '1' then gpu = waiting_gpu(q) end
+local status = 'QUEUED'
+if gpu then
+  -- Counted in and out of its queue at once, so the estimates of the tasks behind stay right.
+  local qs = k_qstat(t[1], t[2])
+  redis.call('HSET', tkey, 'queueSeq', redis.call('HINCRBY', qs, 'enq', 1))
+  redis.call('HINCRBY', qs, 'deq', 1)
+  local row = start_on(gpu, id, tkey, redis.call('HMGET', tkey, unpack(START_FIELDS)), now,
+                       lease, grace, fraction)
+  status = 'PROCESSING'
+  local stay = 0
+  if can_take(gpu) then  -- room for more: it stays waiting, behind the others of the queue
+    stay = 1
+    redis.call('PEXPIRE', k_waitflag(gpu), redis.call('GET', k_waitflag(gpu)))
+    redis.call('ZADD', k_waiters(q), now, gpu)
+  else
+    redis.call('DEL', k_waitflag(gpu))
+  end
+  table.insert(row, 1, stay)
+  redis.call('RPUSH', k_inbox(gpu), cjson.encode(row))
+else
+  enqueue(id, tkey)
+end
 local ahead = tonumber(redis.call('HGET', tkey, 'queueSeq')) - 1 -
               tonumber(redis.call('HGET', k_qstat(t[1], t[2]), 'deq') or '0')
 if t[2] ~= 'VIP' then
@@ -56,4 +86,4 @@ if idem ~= '' then
   redis.call('SET', idem, id .. ' ' .. body_hash, 'EX', ARGV[5])
   redis.call('HSET', tkey, 'idemKey', idem)
 end
-return {'OK', display, wait}
+return {'OK', display, wait, status}

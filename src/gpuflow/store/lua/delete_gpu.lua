@@ -9,7 +9,7 @@ for _, id in ipairs(ids) do
   local tkey = k_task(id)
   if redis.call('HGET', tkey, 'status') == 'PROCESSING' then requeue(id, tkey, now, false) end
 end
-redis.call('DEL', gkey, k_running(gpu))
+redis.call('DEL', gkey, k_running(gpu), k_waitflag(gpu), k_inbox(gpu))
 redis.call('ZREM', P .. 'gpus', gpu)
 redis.call('ZREM', K_BEATS, gpu)
 return #ids

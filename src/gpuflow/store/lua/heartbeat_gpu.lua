@@ -5,7 +5,8 @@
 -- tasks the agent lists (or -1 when it lists none: renew every task of the GPU), then n
 -- (taskId, attempt) pairs.
 -- With a list: listed tasks still PROCESSING here with that attempt are renewed; the GPU's
--- tasks the agent did not list are lost (older than the grace: attempt failed, retried);
+-- tasks the agent did not list and that do not wait in its inbox (push dispatch) are lost
+-- (older than the grace: attempt failed, retried);
 -- listed tasks that are no longer PROCESSING here with that attempt must be stopped.
 -- Returns one reply per heartbeat, in order: {'OK', status, stop task ids...}, {'NOTFOUND'}
 -- when the GPU is not registered, or {'ERROR', message} when a record is damaged (that
@@ -61,8 +62,19 @@ local function beat(gpu, jitter, n, at)
     end
   end
   renew_lock(listed)
+  -- Tasks pushed to the GPU's inbox wait there for a free slot of its agent: not lost.
+  local pushed = nil
+  local function in_inbox(id)
+    if pushed == nil then
+      pushed = {}
+      for _, raw in ipairs(redis.call('LRANGE', k_inbox(gpu), 0, -1)) do
+        if raw ~= '' then pushed[cjson.decode(raw)[2]] = true end
+      end
+    end
+    return pushed[id]
+  end
   for _, id in ipairs(redis.call('SMEMBERS', running)) do
-    if not listed[id] then
+    if not listed[id] and not in_inbox(id) then
       local tkey = k_task(id)
       local t = redis.call('HMGET', tkey, 'status', 'startedAt', 'gpuId', 'attempt')
       if t[1] ~= 'PROCESSING' or t[3] ~= gpu then

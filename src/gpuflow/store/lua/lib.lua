@@ -21,6 +21,11 @@ local K_WARNINGS = P .. 'warnings'
 local K_FINISHED = P .. 'finished'
 local K_LOCKS = P .. 'gpulocks'
 local function k_lock(g) return P .. 'gpulock:' .. g end
+-- Push dispatch (see waiting_gpu below): the GPUs waiting for a queue's next task, a GPU's
+-- waiting flag, and the list its agent blocks on for the tasks started for it.
+local function k_waiters(q) return q .. ':waiters' end
+local function k_waitflag(g) return P .. 'gpu:' .. g .. ':waiting' end
+local function k_inbox(g) return P .. 'gpu:' .. g .. ':inbox' end
 local TERMINAL = {COMPLETED = true, FAILED = true, TIMEOUT = true, CANCELED = true}
 local K_QUEUES = P .. 'queues'
 local GROUP = 'workers'
@@ -225,7 +230,41 @@ local function ensure_group(q)
   end
 end
 
--- Append a QUEUED task to the stream of its (type, tier); returns the entry id.
+-- Push dispatch. An agent whose claim found its queues empty, with room left, registers as
+-- waiting (claim.lua): a flag with a TTL a little past its blocking read, and its id in the
+-- waiters zset of each queue it reads (score: when it registered, so the longest waiting
+-- goes first). It then blocks on BLPOP of its inbox. A new task whose queue has a waiting
+-- GPU is started for it by create_task.lua and its compact row pushed to that inbox: the
+-- agent wakes with the task already started, one hop instead of a wake-up and a claim.
+-- Entries of GPUs no longer waiting (flag gone: it took a task, timed out, stopped) are
+-- dropped when met.
+
+-- Whether ``gpu`` waits and can start one more task now. Its flag's value is how long
+-- (ms) its agent's blocking reads last: the flag's TTL when it stays waiting.
+local function can_take(gpu)
+  if not redis.call('GET', k_waitflag(gpu)) then return false end
+  local g = redis.call('HMGET', k_gpu(gpu), 'status', 'maxConcurrentTasks')
+  if g[1] ~= 'ACTIVE' then return false end
+  if tonumber(g[2]) - redis.call('SCARD', k_running(gpu)) <= 0 then return false end
+  return redis.call('EXISTS', k_lock(gpu)) == 0
+end
+
+-- The longest-waiting GPU of queue ``q`` that can take a task, or nil (looks at no more
+-- than 8 entries per call, removing those that cannot).
+local function waiting_gpu(q)
+  local wk = k_waiters(q)
+  for _ = 1, 8 do
+    local first = redis.call('ZRANGE', wk, 0, 0)
+    local gpu = first[1]
+    if not gpu then return nil end
+    if can_take(gpu) then return gpu end
+    redis.call('ZREM', wk, gpu)
+  end
+  return nil
+end
+
+-- Append a QUEUED task to the stream of its (type, tier); returns the entry id. A GPU
+-- waiting on that queue is woken (an empty row in its inbox: it claims from the stream).
 local function enqueue(id, tkey)
   local t = redis.call('HMGET', tkey, 'taskType', 'tier')
   local q = k_queue(t[1], t[2])
@@ -233,7 +272,40 @@ local function enqueue(id, tkey)
   local eid = redis.call('XADD', q, '*', 'id', id)
   local seq = redis.call('HINCRBY', k_qstat(t[1], t[2]), 'enq', 1)
   redis.call('HSET', tkey, 'streamId', eid, 'queueSeq', seq)
+  local gpu = waiting_gpu(q)
+  if gpu then
+    redis.call('DEL', k_waitflag(gpu))
+    redis.call('RPUSH', k_inbox(gpu), '')
+  end
   return eid
+end
+
+-- The fields start_on reads (one HMGET of the task, in this order).
+local START_FIELDS = {'status', 'streamId', 'taskType', 'tier', 'displayId', 'ranOn', 'timeout',
+                      'attempt', 'payload', 'priority', 'userId', 'app', 'retryCount',
+                      'maxRetries'}
+
+-- Start QUEUED task ``id`` (``t``: its START_FIELDS) on ``gpu``: PROCESSING, next attempt,
+-- timers armed, in the GPU's running set. Returns the compact row an agent runs it with:
+-- taskId, taskType, attempt, gpuId, payload, priority, displayId, userId, app, timeout,
+-- retryCount, maxRetries ('' for a missing one; core/dispatch.py: COMPACT_FIELDS).
+local function start_on(gpu, id, tkey, t, now, lease, grace, fraction)
+  local ttype = t[3]
+  move_index(id, 'QUEUED', 'PROCESSING', t[5], ttype, now)
+  local attempt = tonumber(t[8] or 0) + 1
+  -- progress is 0 and progressMessage empty already: create sets one, and every way back
+  -- to QUEUED (requeue, retry_or_end) resets both.
+  local fields = {'HSET', tkey, 'status', 'PROCESSING', 'attempt', attempt, 'gpuId', gpu,
+                  'startedAt', now, 'updatedAt', now, 'streamId', '', 'leaseDeadline', now + lease}
+  local ran = ran_on(t[6], gpu)
+  if ran then table.insert(fields, 'ranOn'); table.insert(fields, ran) end
+  redis.call(unpack(fields))
+  zadd(P .. 'idx:gpu:' .. gpu, t[5], id)
+  arm_timer_sets(id, now, lease, tonumber(t[7] or 0), grace, fraction)
+  sadd(k_running(gpu), id)
+  emit('started', id, 'PROCESSING', {'gpuId', gpu})
+  return {id, ttype, attempt, gpu, t[9] or '', t[10] or '', t[5], t[11] or '', t[12] or '',
+          t[7] or '', t[13] or '', t[14] or ''}
 end
 
 -- Put a PROCESSING task back into its queue (lost GPU, released claim, ...).
