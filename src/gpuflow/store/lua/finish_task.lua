@@ -56,7 +56,7 @@ local function finish(id, attempt, gpu_arg, outcome, text, retryable, jitter)
       if redis.call('EXISTS', gkey) == 1 then redis.call('HSET', gkey, 'taskFailureCount', 0) end
       clean[gpu] = true
     end
-    emit('completed', id, 'COMPLETED', {'gpuId', gpu}, t[7] == '1' and tkey or nil)
+    emit('completed', id, 'COMPLETED', {'gpuId', gpu}, t[7] == '1' and tkey)
     return {'OK', 'COMPLETED'}
   end
   fail_count(gpu, gkey, text)

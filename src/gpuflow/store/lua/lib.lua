@@ -115,15 +115,16 @@ local function emit(kind, id, status, extra, view_of)
   redis.call(unpack(args))
   -- Wake whoever awaits this task (long-poll, SSE): costs next to nothing when nobody
   -- listens. The channel names mirror gpuflow/core/notify.py (TaskNotifier.channel).
-  -- ``view_of`` (the task's key, for a final status of a task created by a request that
-  -- awaits it): the final note also carries the task's fields, "<status>\n<JSON array of
-  -- field, value, ...>", so that request answers without reading the task again; not past
-  -- 64 KB (a big result would fill the subscribers' output buffers: they read it instead).
   -- A final status also goes to ``evf:<id>``, the channel of requests that await only the
-  -- end (create-and-wait): they are not woken by every step on the way.
+  -- end (create-and-wait): they are not woken by every step on the way. ``view_of``: the
+  -- task's key when it was created ``awaited`` (by such a request): the final note also
+  -- carries the task's fields, "<status>\n<JSON array of field, value, ...>", so that
+  -- request answers without reading the task again; not past 64 KB (a big result would
+  -- fill the subscribers' output buffers: they read it instead). false: the caller knows
+  -- nobody awaits the end that way (no ``evf`` note); nil: not known, the note goes out.
   if id ~= '' then
     redis.call('PUBLISH', P .. 'ev:' .. id, status)
-    if TERMINAL[status] then
+    if TERMINAL[status] and view_of ~= false then
       local note = status
       if view_of then
         local fields = cjson.encode(redis.call('HGETALL', view_of))
