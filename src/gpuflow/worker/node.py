@@ -51,6 +51,8 @@ from gpuflow.worker.transport import (
 log = logging.getLogger("gpuflow.worker")
 
 REPORT_PATIENCE_S = 60.0
+#: Event-loop turns a node gives the tasks it just launched before it claims again.
+LAUNCH_YIELDS = 4
 #: How long a stopping node waits for its ended claim (stop_waiting) before cancelling it.
 STOP_WAIT_S = 2.0
 
@@ -172,6 +174,11 @@ class Node:
             backoff.reset()
             for task in tasks:
                 self._launch(task)
+            if tasks:
+                # Let the tasks just started reach their handlers (and a short one its
+                # report) before the next claim's round trip takes the loop.
+                for _ in range(LAUNCH_YIELDS):
+                    await asyncio.sleep(0)
 
     async def _claim_once(self, stop: asyncio.Event) -> list[ClaimedTask] | None:
         """Claim into the free slots; None after an error (the caller backs off)."""
