@@ -13,6 +13,7 @@ from gpuflow.client import (
     AuthError,
     Client,
     ConflictError,
+    GpuflowError,
     NotFoundError,
     TransportError,
     ValidationError,
@@ -155,3 +156,13 @@ async def test_the_environments_proxy_is_used_as_httpx_uses_it(
         assert len(proxy.lines) == 2
     finally:
         await proxy.close()
+
+
+async def test_an_answer_that_is_no_envelope_names_its_url(
+    gf: AsyncClient, api_server: ApiServer
+) -> None:
+    """The aiohttp path builds the request of an answer only when a message needs it."""
+    with pytest.raises(GpuflowError, match="not a gpuflow answer") as info:
+        await gf.request("GET", "/docs", params={"x": "1"})  # HTML, 200
+    assert f"from {api_server.url}/docs?x=1" in str(info.value)
+    assert type(info.value) is GpuflowError and info.value.status == 200
