@@ -265,7 +265,7 @@ async def test_a_new_task_is_started_for_a_waiting_gpu_and_pushed(services: Serv
     s = services
     await s.gpus.register(GpuSpec("p1", [1], max_concurrent_tasks=2))
     claim = await _waiting(s, "p1")
-    created = await s.tasks.create(NewTask(1, '{"in": 1}', priority=0))
+    created = await s.tasks.create(NewTask(1, '{"in": 1}', priority=0, user_id="u1"))
     assert created["status"] == "PROCESSING"  # started before create answered
     (row,) = await asyncio.wait_for(claim, 5)
     assert row[0] == created["taskId"] and int(row[2]) == 1 and row[3] == "p1"
@@ -274,6 +274,14 @@ async def test_a_new_task_is_started_for_a_waiting_gpu_and_pushed(services: Serv
     assert task["status"] == "PROCESSING" and task["gpuId"] == "p1" and task["attempt"] == 1
     assert await s.store.redis.xlen(s.store.keys.queue(1, "NORMAL")) == 0  # never queued
     assert await s.store.redis.scard(s.store.keys.gpu_running("p1")) == 1
+    listed, total = await s.tasks.list(status=TaskStatus.PROCESSING, task_type=1)
+    assert total == 1 and listed[0]["taskId"] == created["taskId"]
+    assert (await s.tasks.list(status=TaskStatus.QUEUED))[1] == 0
+    k = s.store.keys
+    assert not await s.store.redis.zscore(k.idx_status_type("QUEUED", 1), created["taskId"])
+    assert await s.store.redis.zscore(k.idx_gpu("p1"), created["taskId"])
+    assert await s.store.redis.zscore(k.idx_user("u1"), created["taskId"])
+    assert task["userId"] == "u1" and task["payload"] == '{"in": 1}'
     # Room for one more: it is still waiting, so the next task is pushed without a claim call.
     assert await s.store.redis.exists(s.store.keys.gpu_waiting("p1"))
     second = asyncio.create_task(s.dispatch.claim_rows("p1", 5.0, push=True))

@@ -11,7 +11,7 @@
 -- checks): {stay waiting 1|0, compact row...} as JSON.
 -- Writes estimatedWaitTime = ceil(ceil(ahead / capacity) * avg_s + avg_s), -1 with no capacity
 -- (the formula of core/estimate.py), ahead = tasks before it in its queue + queued VIP tasks
--- of its type for a NORMAL task.
+-- of its type for a NORMAL task (0 for a task started at once).
 -- Returns {'OK', displayId, estimatedWaitTime, status},
 -- {'DUP', taskId} for a repeat of the same key and body, {'CONFLICT', why} for another body.
 local idem, body_hash = ARGV[3], ARGV[4]
@@ -35,31 +35,33 @@ local display = redis.call('INCR', P .. 'seq:display')
 local now = now_ms()
 local fields = {'HSET', tkey, 'taskId', id, 'displayId', display, 'status', 'QUEUED',
                 'createdAt', now, 'updatedAt', now, 'attempt', 0, 'retryCount', 0, 'progress', 0}
-for i = 12, #ARGV do table.insert(fields, ARGV[i]) end
+local f = {}  -- the task's own fields, as stored
+for i = 12, #ARGV, 2 do
+  table.insert(fields, ARGV[i]); table.insert(fields, ARGV[i + 1])
+  f[ARGV[i]] = ARGV[i + 1]
+end
 redis.call(unpack(fields))
-local t = redis.call('HMGET', tkey, 'taskType', 'tier', 'userId')
+local ttype, tier = f.taskType, f.tier
 redis.call('ZADD', P .. 'idx:all', display, id)
-redis.call('ZADD', k_status('QUEUED'), display, id)
-redis.call('ZADD', k_status_type('QUEUED', t[1]), display, id)
-redis.call('ZADD', P .. 'idx:type:' .. t[1], display, id)
-if t[3] and t[3] ~= '' then redis.call('ZADD', P .. 'idx:user:' .. t[3], display, id) end
-emit('created', id, 'QUEUED', {'taskType', t[1]})
-local q = k_queue(t[1], t[2])
-local gpu = nil
-if redis.call('HGET', P .. 'tasktype:' .. t[1], 'exclusive') ~= '1' then gpu = waiting_gpu(q) end
-local status = 'QUEUED'
+redis.call('ZADD', P .. 'idx:type:' .. ttype, display, id)
+if f.userId then redis.call('ZADD', P .. 'idx:user:' .. f.userId, display, id) end
+emit('created', id, 'QUEUED', {'taskType', ttype})
+local q = k_queue(ttype, tier)
+local gpu, room, ttl = nil, 0, nil
+if redis.call('HGET', P .. 'tasktype:' .. ttype, 'exclusive') ~= '1' then
+  gpu, room, ttl = waiting_gpu(q)
+end
+local status, ahead = 'QUEUED', 0
 if gpu then
-  -- Counted in and out of its queue at once, so the estimates of the tasks behind stay right.
-  local qs = k_qstat(t[1], t[2])
-  redis.call('HSET', tkey, 'queueSeq', redis.call('HINCRBY', qs, 'enq', 1))
-  redis.call('HINCRBY', qs, 'deq', 1)
-  local row = start_on(gpu, id, tkey, redis.call('HMGET', tkey, unpack(START_FIELDS)), now,
-                       lease, grace, fraction)
+  -- Started at once: never in the queue (its qstat counters and QUEUED indexes skip it).
+  local t = {'QUEUED', false, ttype, tier, display, false, f.timeout, 0, f.payload, f.priority,
+             f.userId, f.app, 0, f.maxRetries}  -- START_FIELDS
+  local row = start_on(gpu, id, tkey, t, now, lease, grace, fraction, false)
   status = 'PROCESSING'
   local stay = 0
-  if can_take(gpu) then  -- room for more: it stays waiting, behind the others of the queue
+  if room > 1 then  -- room for more: it stays waiting, behind the others of the queue
     stay = 1
-    redis.call('PEXPIRE', k_waitflag(gpu), redis.call('GET', k_waitflag(gpu)))
+    redis.call('PEXPIRE', k_waitflag(gpu), ttl)
     redis.call('ZADD', k_waiters(q), now, gpu)
   else
     redis.call('DEL', k_waitflag(gpu))
@@ -67,15 +69,17 @@ if gpu then
   table.insert(row, 1, stay)
   redis.call('RPUSH', k_inbox(gpu), cjson.encode(row))
 else
+  redis.call('ZADD', k_status('QUEUED'), display, id)
+  redis.call('ZADD', k_status_type('QUEUED', ttype), display, id)
   enqueue(id, tkey)
+  ahead = tonumber(redis.call('HGET', tkey, 'queueSeq')) - 1 -
+          tonumber(redis.call('HGET', k_qstat(ttype, tier), 'deq') or '0')
+  if tier ~= 'VIP' then
+    local v = redis.call('HMGET', k_qstat(ttype, 'VIP'), 'enq', 'deq')
+    ahead = ahead + math.max(tonumber(v[1] or 0) - tonumber(v[2] or 0), 0)
+  end
 end
-local ahead = tonumber(redis.call('HGET', tkey, 'queueSeq')) - 1 -
-              tonumber(redis.call('HGET', k_qstat(t[1], t[2]), 'deq') or '0')
-if t[2] ~= 'VIP' then
-  local v = redis.call('HMGET', k_qstat(t[1], 'VIP'), 'enq', 'deq')
-  ahead = ahead + math.max(tonumber(v[1] or 0) - tonumber(v[2] or 0), 0)
-end
-local avg_ms = redis.call('HGET', k_tstat(t[1]), 'avgMs') or ARGV[7]
+local avg_ms = redis.call('HGET', k_tstat(ttype), 'avgMs') or ARGV[7]
 local capacity, avg_s = tonumber(ARGV[6]), tonumber(avg_ms) / 1000
 local wait = -1
 if capacity > 0 then

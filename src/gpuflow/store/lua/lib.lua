@@ -240,25 +240,27 @@ end
 -- Entries of GPUs no longer waiting (flag gone: it took a task, timed out, stopped) are
 -- dropped when met.
 
--- Whether ``gpu`` waits and can start one more task now. Its flag's value is how long
--- (ms) its agent's blocking reads last: the flag's TTL when it stays waiting.
-local function can_take(gpu)
-  if not redis.call('GET', k_waitflag(gpu)) then return false end
+-- How many more tasks ``gpu`` can start now if it waits (0 when it does not wait, is not
+-- ACTIVE, or is locked), and its flag's value: how long (ms) its agent's blocking reads last,
+-- the flag's TTL when it stays waiting.
+local function room_of(gpu)
+  local ttl = redis.call('GET', k_waitflag(gpu))
+  if not ttl then return 0 end
   local g = redis.call('HMGET', k_gpu(gpu), 'status', 'maxConcurrentTasks')
-  if g[1] ~= 'ACTIVE' then return false end
-  if tonumber(g[2]) - redis.call('SCARD', k_running(gpu)) <= 0 then return false end
-  return redis.call('EXISTS', k_lock(gpu)) == 0
+  if g[1] ~= 'ACTIVE' or redis.call('EXISTS', k_lock(gpu)) == 1 then return 0 end
+  return tonumber(g[2]) - redis.call('SCARD', k_running(gpu)), ttl
 end
 
--- The longest-waiting GPU of queue ``q`` that can take a task, or nil (looks at no more
--- than 8 entries per call, removing those that cannot).
+-- The longest-waiting GPU of queue ``q`` that can take a task, its room and flag value; or
+-- nil (looks at no more than 8 entries per call, removing those that cannot).
 local function waiting_gpu(q)
   local wk = k_waiters(q)
   for _ = 1, 8 do
     local first = redis.call('ZRANGE', wk, 0, 0)
     local gpu = first[1]
     if not gpu then return nil end
-    if can_take(gpu) then return gpu end
+    local room, ttl = room_of(gpu)
+    if room > 0 then return gpu, room, ttl end
     redis.call('ZREM', wk, gpu)
   end
   return nil
@@ -290,9 +292,10 @@ local START_FIELDS = {'status', 'streamId', 'taskType', 'tier', 'displayId', 'ra
 -- timers armed, in the GPU's running set. Returns the compact row an agent runs it with:
 -- taskId, taskType, attempt, gpuId, payload, priority, displayId, userId, app, timeout,
 -- retryCount, maxRetries ('' for a missing one; core/dispatch.py: COMPACT_FIELDS).
-local function start_on(gpu, id, tkey, t, now, lease, grace, fraction)
+-- ``indexed``: false for a task not yet in the QUEUED indexes (started as it is created).
+local function start_on(gpu, id, tkey, t, now, lease, grace, fraction, indexed)
   local ttype = t[3]
-  move_index(id, 'QUEUED', 'PROCESSING', t[5], ttype, now)
+  move_index(id, indexed ~= false and 'QUEUED' or nil, 'PROCESSING', t[5], ttype, now)
   local attempt = tonumber(t[8] or 0) + 1
   -- progress is 0 and progressMessage empty already: create sets one, and every way back
   -- to QUEUED (requeue, retry_or_end) resets both.
