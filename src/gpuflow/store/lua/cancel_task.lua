@@ -15,6 +15,6 @@ redis.call('ZREM', K_DELAYED, id)
 clear_timers(id)
 set_status(tkey, id, st, 'CANCELED')
 redis.call('HSET', tkey, 'completedAt', now, 'updatedAt', now, 'streamId', '',
-           'errorMessage', ARGV[4], 'leaseDeadline', '')
+           'errorMessage', ARGV[4])
 emit('canceled', id, 'CANCELED', {'was', st})
 return {'OK', st}

@@ -48,7 +48,7 @@ local function finish(id, attempt, gpu_arg, outcome, text, retryable, jitter)
   if outcome == 'COMPLETED' then
     move_index(id, 'PROCESSING', 'COMPLETED', t[6], t[5], now)
     redis.call('HSET', tkey, 'status', 'COMPLETED', 'result', text, 'completedAt', now,
-               'updatedAt', now, 'progress', 100, 'errorMessage', '', 'leaseDeadline', '')
+               'updatedAt', now, 'progress', 100, 'errorMessage', '')
     local runs = durations[t[5]]
     if not runs then runs = {}; durations[t[5]] = runs end
     table.insert(runs, now - tonumber(t[4]))

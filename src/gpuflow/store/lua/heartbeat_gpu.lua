@@ -41,7 +41,6 @@ local function beat(gpu, jitter, n, at)
       local t = redis.call('HMGET', k_task(id), 'status', 'gpuId')
       if t[1] == 'PROCESSING' and t[2] == gpu then
         redis.call('ZADD', K_LEASES, 'XX', deadline, id)
-        redis.call('HSET', k_task(id), 'leaseDeadline', deadline)
       else
         redis.call('SREM', running, id)  -- canceled or moved on: the slot is free again
       end
@@ -56,7 +55,6 @@ local function beat(gpu, jitter, n, at)
     local t = redis.call('HMGET', tkey, 'status', 'gpuId', 'attempt')
     if t[1] == 'PROCESSING' and t[2] == gpu and t[3] == attempt then
       redis.call('ZADD', K_LEASES, 'XX', deadline, id)
-      redis.call('HSET', tkey, 'leaseDeadline', deadline)
     else
       table.insert(reply, id)
     end

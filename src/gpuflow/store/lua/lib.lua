@@ -195,8 +195,9 @@ local function clear_timers(id, gpu)
 end
 
 -- Arm them at start: lease at now + lease, warning at now + timeout * fraction (when
--- 0 < fraction < 1), hard timeout at now + timeout + grace (when timeout > 0). The caller
--- writes leaseDeadline = now + lease into the task.
+-- 0 < fraction < 1), hard timeout at now + timeout + grace (when timeout > 0). The lease
+-- deadline lives only here (the task hash does not repeat it: a heartbeat renews a task
+-- with one ZADD).
 local function arm_timer_sets(id, now, lease, timeout, grace, fraction)
   zadd(K_LEASES, now + lease, id)
   if timeout > 0 then
@@ -210,7 +211,6 @@ end
 local function arm_timers(id, tkey, now, lease, grace, fraction)
   local timeout = tonumber(redis.call('HGET', tkey, 'timeout') or 0)
   arm_timer_sets(id, now, lease, timeout, grace, fraction)
-  redis.call('HSET', tkey, 'leaseDeadline', now + lease)
 end
 
 -- An alert record (the seed's AlertInfo) plus an event.
@@ -300,7 +300,7 @@ local function start_on(gpu, id, tkey, t, now, lease, grace, fraction, indexed)
   -- progress is 0 and progressMessage empty already: create sets one, and every way back
   -- to QUEUED (requeue, retry_or_end) resets both.
   local fields = {'HSET', tkey, 'status', 'PROCESSING', 'attempt', attempt, 'gpuId', gpu,
-                  'startedAt', now, 'updatedAt', now, 'streamId', '', 'leaseDeadline', now + lease}
+                  'startedAt', now, 'updatedAt', now}
   local ran = ran_on(t[6], gpu)
   if ran then table.insert(fields, 'ranOn'); table.insert(fields, ran) end
   redis.call(unpack(fields))
@@ -330,7 +330,7 @@ end
 local function retry_or_end(id, tkey, outcome, text, retryable, base, cap, jitter, now)
   local r = redis.call('HMGET', tkey, 'retryCount', 'maxRetries')
   clear_timers(id)
-  redis.call('HSET', tkey, 'errorMessage', text, 'updatedAt', now, 'leaseDeadline', '')
+  redis.call('HSET', tkey, 'errorMessage', text, 'updatedAt', now)
   if retryable and tonumber(r[1]) < tonumber(r[2]) then
     local delay = math.floor(math.min(cap, base * 2 ^ tonumber(r[1])) * jitter)
     redis.call('HINCRBY', tkey, 'retryCount', 1)

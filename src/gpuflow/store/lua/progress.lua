@@ -15,8 +15,7 @@ if gpu_arg ~= '' and gpu_arg ~= t[3] then
 end
 local now = now_ms()
 local deadline = now + tonumber(ARGV[8])
-redis.call('HSET', tkey, 'progress', ARGV[6], 'progressMessage', ARGV[7], 'updatedAt', now,
-           'leaseDeadline', deadline)
+redis.call('HSET', tkey, 'progress', ARGV[6], 'progressMessage', ARGV[7], 'updatedAt', now)
 redis.call('ZADD', K_LEASES, 'XX', deadline, id)
 emit('progress', id, 'PROCESSING', {'progress', ARGV[6]})
 return {'OK'}
