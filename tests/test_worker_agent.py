@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from gpuflow.core.tasks import NewTask
 from gpuflow.worker import Agent, NodeSpec, NonRetryableError, TaskContext, Worker, detect_nodes
 from gpuflow.worker.executor import ExecutorError
 from gpuflow.worker.redis_transport import RedisTransport
@@ -331,3 +332,42 @@ async def test_heartbeat_registers_a_deleted_busy_node_and_its_siblings_keep_bea
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.3)
         assert (await s.gpus.get(kept))["lastHeartbeat"] > before
+
+
+async def test_an_idle_agent_gets_new_tasks_pushed_and_a_stopped_one_none(
+    services: Services, transport: RedisTransport
+) -> None:
+    """Push dispatch end to end: an idle agent waits on its inbox and runs what a create
+    started for it; stopped while it runs one task and waits for more, it lets that task
+    finish, its waiting flag is gone and a new task stays QUEUED instead of going to it."""
+    s = services
+    gate = asyncio.Event()
+
+    async def handler(payload: Any, ctx: TaskContext) -> str:
+        if payload == "hold":
+            await gate.wait()
+        return f"ran {payload}"
+
+    specs = nodes([24], slots=2)
+    gpu_id = specs[0].gpu_id
+    flag = s.store.keys.gpu_waiting(gpu_id)
+    worker_agent = agent(Worker({24: handler}), transport, specs)
+    await worker_agent.start()
+    try:
+        for _ in range(400):  # until its first claim found nothing and it waits
+            if await s.store.redis.exists(flag):
+                break
+            await asyncio.sleep(0.01)
+        first = await s.tasks.create(NewTask(24, "quick"))
+        assert first["status"] == "PROCESSING"  # started on the waiting GPU by the create
+        await wait_status(s.store, [first["taskId"]])
+        held = await s.tasks.create(NewTask(24, "hold"))
+        assert held["status"] == "PROCESSING"
+    finally:
+        gate.set()
+        await worker_agent.stop(grace_s=5)
+    assert (await s.tasks.get(held["taskId"]))["status"] == "COMPLETED"
+    assert not await s.store.redis.exists(flag)
+    after = await s.tasks.create(NewTask(24, "late"))
+    assert after["status"] == "QUEUED"
+    assert await s.store.redis.llen(s.store.keys.gpu_inbox(gpu_id)) <= 1  # at most a wake row

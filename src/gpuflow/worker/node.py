@@ -179,6 +179,10 @@ class Node:
                 # report) before the next claim's round trip takes the loop.
                 for _ in range(LAUNCH_YIELDS):
                     await asyncio.sleep(0)
+        # Stopping: nothing more may be started for this node, and what was (pushed to it
+        # after its last claim) goes back to the queue.
+        with contextlib.suppress(Exception):
+            await self.transport.stop_waiting(self.gpu_id)
 
     async def _claim_once(self, stop: asyncio.Event) -> list[ClaimedTask] | None:
         """Claim into the free slots; None after an error (the caller backs off)."""
@@ -217,8 +221,8 @@ class Node:
             with contextlib.suppress(Exception):
                 if await self.transport.stop_waiting(self.gpu_id):
                     await asyncio.wait({claim}, timeout=STOP_WAIT_S)
-        if not claim.done():
-            await cancel_and_wait(claim)
+            if not claim.done():
+                await cancel_and_wait(claim)
             if claim.cancelled() or claim.exception() is not None:
                 return []
             for task in claim.result():
