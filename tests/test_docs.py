@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gpuflow.config import Settings
 from gpuflow.store.keys import Keys
-from gpuflow.store.scripts import script_source
+from gpuflow.store.scripts import lib_source, script_source
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_SIDE = {"GPUFLOW_API_URL", "GPUFLOW_API_KEY"}
@@ -28,7 +28,7 @@ def test_readme_configuration_table_matches_settings() -> None:
 
 
 def test_lua_prelude_builds_the_same_key_names_as_keys_py() -> None:
-    lib = script_source("claim")
+    lib = lib_source()
     k = Keys("P:")
     pairs = {
         "k_task": (k.task("ID"), "'task:' .. id"),
@@ -47,3 +47,14 @@ def test_lua_prelude_builds_the_same_key_names_as_keys_py() -> None:
     for attr, lua in (("leases", "'leases'"), ("delayed", "'delayed'"), ("events", "'events'")):
         assert getattr(k, attr) == f"P:{lua.strip(chr(39))}"
         assert f"P .. {lua}" in lib
+
+
+def test_each_script_carries_the_part_of_the_prelude_it_uses() -> None:
+    """Every lib definition a script's text names (directly or through another) is in its
+    source, before the script; the rest is left out."""
+    create, small = script_source("create_task"), script_source("set_gpu_status")
+    assert "local function start_on(" in create and "local function waiting_gpu(" in create
+    assert create.index("local function waiting_gpu(") < create.index("local function enqueue(")
+    assert "local function enqueue(" not in small and "local function emit(" not in small
+    assert small.startswith("local P = ARGV[1]")
+    assert len(small) < len(lib_source()) // 10

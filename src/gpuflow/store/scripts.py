@@ -1,14 +1,16 @@
 """Lua scripts: every multi-key state change is one of these, run atomically by Redis.
 
 Each script file documents its ARGV contract and return value in its header. The shared
-prelude ``lua/lib.lua`` is prepended to each one; it takes the key prefix as ARGV[1] and the
-events MAXLEN as ARGV[2], so that scripts can name the keys a transition touches (queues,
-indexes) which are only known once the task hash has been read. That makes gpuflow
-unsuitable for Redis Cluster; it targets one primary (with replicas / Sentinel).
+prelude ``lua/lib.lua`` is prepended to each one (the definitions the script uses); it takes
+the key prefix as ARGV[1] and the events MAXLEN as ARGV[2], so that scripts can name the keys
+a transition touches (queues, indexes) which are only known once the task hash has been read.
+That makes gpuflow unsuitable for Redis Cluster; it targets one primary (with replicas /
+Sentinel).
 """
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from hashlib import sha1
 from importlib import resources
@@ -40,10 +42,47 @@ SCRIPT_NAMES = (
 )
 
 
+#: A top-level definition of lib.lua (every one starts a line with ``local``).
+_DEFINITION = re.compile(r"^local (?:function )?([A-Za-z_]\w*)", re.MULTILINE)
+_NAME = re.compile(r"[A-Za-z_]\w*")
+
+
+def _lua(name: str) -> str:
+    return (resources.files("gpuflow.store") / "lua" / name).read_text()
+
+
+@cache
+def lib_source() -> str:
+    return _lua("lib.lua")
+
+
+def _lib_parts() -> list[tuple[str, str]]:
+    """lib.lua cut before each top-level definition: (name defined, its text)."""
+    lib = lib_source()
+    starts = [(m.start(), m.group(1)) for m in _DEFINITION.finditer(lib)]
+    ends = [start for start, _ in starts[1:]] + [len(lib)]
+    return [(name, lib[start:end]) for (start, name), end in zip(starts, ends, strict=True)]
+
+
 @cache
 def script_source(name: str) -> str:
-    lua = resources.files("gpuflow.store") / "lua"
-    return (lua / "lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+    """The script with the part of the prelude it uses (what its text names, and what
+    that names in turn), in the prelude's order. Redis runs the prelude on every call and
+    collects its closures as garbage: the whole of it cost each call more than a short
+    script's own work (docs/architecture.md, "One awaited task, hop by hop")."""
+    body = _lua(f"{name}.lua")
+    parts = _lib_parts()
+    defined = {part_name for part_name, _ in parts}
+    uses = {part_name: set(_NAME.findall(text)) & defined for part_name, text in parts}
+    needed: set[str] = set()
+    todo = list(set(_NAME.findall(body)) & defined)
+    while todo:
+        part_name = todo.pop()
+        if part_name not in needed:
+            needed.add(part_name)
+            todo.extend(uses[part_name] - needed)
+    prelude = "".join(text for part_name, text in parts if part_name in needed)
+    return prelude + "\n" + body
 
 
 class Scripts:
