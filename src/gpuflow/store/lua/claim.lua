@@ -119,28 +119,14 @@ local function take_pre(q)
   pre[q] = nil
 end
 
--- What was pushed to the inbox and not taken: still this GPU's attempt, it runs here.
-local function take_inbox()
-  local rows = redis.call('LRANGE', k_inbox(gpu), 0, -1)
-  if #rows == 0 then return end
-  redis.call('DEL', k_inbox(gpu))
-  for _, raw in ipairs(rows) do
-    if raw ~= '' then
-      local row = cjson.decode(raw)
-      table.remove(row, 1)  -- the stay-waiting flag
-      local tkey = k_task(row[1])
-      local t = redis.call('HMGET', tkey, 'status', 'gpuId', 'attempt')
-      if t[1] == 'PROCESSING' and t[2] == gpu and tonumber(t[3]) == tonumber(row[3]) then
-        for i, v in ipairs(row) do row[i] = tostring(v) end
-        table.insert(started, compact and row or redis.call('HGETALL', tkey))
-      end
-    end
-  end
-end
-
 local waiting = 0
 local function run()
-  take_inbox()
+  -- What was pushed to the inbox and not taken: still this GPU's attempt, it runs here.
+  for _, taken in ipairs(take_inbox(gpu)) do
+    local row, tkey = taken[1], taken[2]
+    for i, v in ipairs(row) do row[i] = tostring(v) end
+    table.insert(started, compact and row or redis.call('HGETALL', tkey))
+  end
   for i = 0, npre - 1 do
     local q = ARGV[11 + 3 * i]
     pre[q] = pre[q] or {}

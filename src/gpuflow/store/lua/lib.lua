@@ -283,6 +283,28 @@ local function enqueue(id, tkey)
   return eid
 end
 
+-- Empty ``gpu``'s inbox: {compact row, task key} of each task pushed there and not taken
+-- that still runs there with that attempt (the stay-waiting flag taken off the row); rows
+-- of tasks that moved on meanwhile, and wake rows, are dropped.
+local function take_inbox(gpu)
+  local rows = redis.call('LRANGE', k_inbox(gpu), 0, -1)
+  if #rows == 0 then return {} end
+  redis.call('DEL', k_inbox(gpu))
+  local live = {}
+  for _, raw in ipairs(rows) do
+    if raw ~= '' then
+      local row = cjson.decode(raw)
+      table.remove(row, 1)
+      local tkey = k_task(row[1])
+      local t = redis.call('HMGET', tkey, 'status', 'gpuId', 'attempt')
+      if t[1] == 'PROCESSING' and t[2] == gpu and tonumber(t[3]) == tonumber(row[3]) then
+        table.insert(live, {row, tkey})
+      end
+    end
+  end
+  return live
+end
+
 -- The fields start_on reads (one HMGET of the task, in this order).
 local START_FIELDS = {'status', 'streamId', 'taskType', 'tier', 'displayId', 'ranOn', 'timeout',
                       'attempt', 'payload', 'priority', 'userId', 'app', 'retryCount',

@@ -4,20 +4,8 @@
 -- ARGV[3] gpuId. Returns the number of tasks put back.
 local gpu = ARGV[3]
 redis.call('DEL', k_waitflag(gpu))
-local rows = redis.call('LRANGE', k_inbox(gpu), 0, -1)
-redis.call('DEL', k_inbox(gpu))
 local now = now_ms()
-local n = 0
-for _, raw in ipairs(rows) do
-  if raw ~= '' then
-    local row = cjson.decode(raw)  -- {stay waiting, taskId, taskType, attempt, ...}
-    local tkey = k_task(row[2])
-    local t = redis.call('HMGET', tkey, 'status', 'gpuId', 'attempt')
-    if t[1] == 'PROCESSING' and t[2] == gpu and tonumber(t[3]) == tonumber(row[4]) then
-      requeue(row[2], tkey, now, false)
-      n = n + 1
-    end
-  end
-end
+local taken = take_inbox(gpu)
+for _, t in ipairs(taken) do requeue(t[1][1], t[2], now, false) end
 redis.call('RPUSH', k_inbox(gpu), '')
-return n
+return #taken
