@@ -1,8 +1,17 @@
-"""Redis clients: one pooled client for commands, and dedicated ones for blocking reads."""
+"""Redis clients: one pooled client for commands, and dedicated ones for blocking reads.
+
+Their connections pack commands with hiredis's C packer (:func:`packing`): redis-py's
+asyncio connection packs in Python, one encode and a few joins per argument, ~15 µs for a
+task's create script call (~45 arguments) where hiredis takes ~2 µs; the create and finish
+calls are on every task's path.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -25,4 +34,41 @@ def make_redis(url: str, *, max_connections: int = 64, blocking: bool = False) -
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    pool.connection_class = packing(pool.connection_class)
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it too
+
+
+_PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def packing(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``cls`` packing with ``hiredis.pack_command`` when hiredis is installed (else ``cls``).
+
+    Same bytes as redis-py for what both take (str, bytes, int, float); anything else, a
+    command name of several words ("CLIENT SETNAME") and a connection not on strict UTF-8
+    go through redis-py's own packer, so its errors (DataError) and quirks stay its own."""
+    if cls in _PACKING:
+        return _PACKING[cls]
+    try:
+        from hiredis import pack_command
+    except ImportError:  # pragma: no cover - hiredis is a dependency (redis[hiredis])
+        return cls
+
+    class Packing(cls):  # type: ignore[valid-type, misc]
+        def pack_command(self, *args: Any) -> list[bytes]:
+            head = args[0] if args else None
+            if (
+                isinstance(head, str)
+                and " " not in head
+                and self.encoder.encoding == "utf-8"
+                and self.encoder.encoding_errors == "strict"
+            ):
+                try:
+                    return [pack_command(args)]
+                except TypeError:  # a type only redis-py packs, or refuses with DataError
+                    pass
+            return list(super().pack_command(*args))
+
+    Packing.__name__ = Packing.__qualname__ = f"Packing{cls.__name__}"
+    _PACKING[cls] = Packing
+    return Packing
