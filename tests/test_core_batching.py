@@ -353,3 +353,48 @@ async def test_a_finish_without_sort_key_is_damaged_alone(services: Services) ->
     for t in (a, c):
         assert await s.store.redis.zscore(k.idx_status("COMPLETED"), str(t["taskId"])) is not None
         assert await s.store.redis.zscore(k.leases, str(t["taskId"])) is None
+
+
+async def test_alone_first_sends_a_lone_call_at_once_and_batches_what_piles_up() -> None:
+    """With ``alone_first`` a call made while nothing is in flight goes out in its caller's
+    task, before the loop turns; the calls made meanwhile share one batch, which does not wait
+    for the lone call; a lone call's refusal and deadline are its own."""
+    batches: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def call(items: list[int]) -> list[int | Exception]:
+        batches.append(items)
+        if 0 in items:
+            await release.wait()
+        return [ValueError(f"bad {i}") if i < 0 else i * 10 for i in items]
+
+    co: Coalescer[int, int] = Coalescer(call, timeout_s=0.5, alone_first=True)
+    first = asyncio.ensure_future(co.submit(0))
+    await asyncio.sleep(0)  # the lone call is out, in first's own task
+    assert batches == [[0]] and not co._flushers
+    rest = asyncio.gather(*(co.submit(i) for i in (1, 2, 3)))
+    assert await asyncio.wait_for(rest, 2) == [10, 20, 30]  # not held behind the lone call
+    assert batches == [[0], [1, 2, 3]] and not first.done()
+    release.set()
+    assert await first == 0
+    with pytest.raises(ValueError, match="bad -1"):
+        await co.submit(-1)
+    assert batches[-1] == [-1]
+    release.clear()
+    with pytest.raises(TimeoutError):
+        await co.submit(0)  # a lone call that never answers fails after timeout_s
+    release.set()
+    assert await co.submit(5) == 50  # and the next one goes out alone again
+    assert batches[-1] == [5]
+
+
+async def test_without_alone_first_calls_of_one_tick_share_a_batch() -> None:
+    batches: list[list[int]] = []
+
+    async def call(items: list[int]) -> list[int | Exception]:
+        batches.append(items)
+        return list(items)
+
+    co: Coalescer[int, int] = Coalescer(call)
+    assert await asyncio.gather(*(co.submit(i) for i in range(4))) == [0, 1, 2, 3]
+    assert batches == [[0, 1, 2, 3]]

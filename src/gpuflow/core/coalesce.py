@@ -5,7 +5,11 @@ costs to run a small script, so a busy worker that reports every task alone spen
 its time on round trips. :class:`Coalescer` collects the calls made in one event-loop tick
 (and those made while a batch is in flight) and runs them as one batch. It never waits for
 more work: a lone call goes out on the next loop iteration, so an idle system sees no extra
-latency; batches only form when calls pile up.
+latency; batches only form when calls pile up. With ``alone_first`` a call made while
+nothing is in flight goes out at once, in its caller's own task (no flushing task to start,
+no loop iteration to wait for: a task's report is on the path of every awaited task); the
+calls that pile up behind it go out together. Callers whose calls should all share one
+batch (the heartbeats of one agent's GPUs) leave it off.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ class Coalescer(Generic[T, R]):
     """``await submit(item)`` runs ``item`` as part of the next batch call.
 
     One batch is in flight at a time (per event loop); up to ``max_batch`` items go in each.
+    With ``alone_first``, a call made while nothing is in flight goes alone, at once, and the
+    batch of the calls made meanwhile may run alongside it.
     When the batch call itself fails (a lost connection), every item in it gets that error;
     with ``timeout_s``, a batch call that runs longer fails its items with ``TimeoutError``
     (one timer per batch, not per caller).
@@ -35,23 +41,50 @@ class Coalescer(Generic[T, R]):
     """
 
     def __init__(
-        self, call: BatchCall[T, R], max_batch: int = 128, timeout_s: float | None = None
+        self,
+        call: BatchCall[T, R],
+        max_batch: int = 128,
+        timeout_s: float | None = None,
+        *,
+        alone_first: bool = False,
     ) -> None:
         self._call = call
         self._max = max(1, max_batch)
         self._timeout = timeout_s
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._flushers: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+        self._alone_first = alone_first
+        self._alone: set[asyncio.AbstractEventLoop] = set()  # loops with a lone call out
 
     async def submit(self, item: T) -> R:
         loop = asyncio.get_running_loop()
+        flusher = self._flushers.get(loop)
+        if self._alone_first and loop not in self._alone and (flusher is None or flusher.done()):
+            return await self._alone_call(loop, item)
         fut: asyncio.Future[R] = loop.create_future()
         self._pending.append((item, fut))
-        flusher = self._flushers.get(loop)
         if flusher is None or flusher.done():
             self._flushers = {lp: t for lp, t in self._flushers.items() if not lp.is_closed()}
             self._flushers[loop] = loop.create_task(self._flush(loop))
         return await fut
+
+    async def _alone_call(self, loop: asyncio.AbstractEventLoop, item: T) -> R:
+        """``item`` as a batch of one, in the caller's task (cancelled with its caller)."""
+        self._alone.add(loop)
+        try:
+            if self._timeout is None:
+                results = await self._call([item])
+            else:
+                async with asyncio.timeout(self._timeout):
+                    results = await self._call([item])
+        finally:
+            self._alone.discard(loop)
+        if len(results) != 1:
+            raise RuntimeError(f"batch call answered {len(results)} of 1")
+        result = results[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def _take(
         self, loop: asyncio.AbstractEventLoop, limit: int

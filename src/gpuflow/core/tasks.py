@@ -135,8 +135,10 @@ class Tasks:
         #: ``report_timeout_s``: how long a batch of reports (or a report that goes alone)
         #: may take; TimeoutError after that.
         self._report_timeout = report_timeout_s
+        # A lone report goes at once (it ends an awaited task's wait); reports that pile up
+        # behind it share calls.
         self._finisher: Coalescer[Report, TaskStatus] = Coalescer(
-            self.finish_many, timeout_s=report_timeout_s
+            self.finish_many, timeout_s=report_timeout_s, alone_first=True
         )
 
     def tier_of(self, priority: int) -> Tier:

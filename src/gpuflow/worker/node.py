@@ -33,6 +33,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from gpuflow.worker.aio import Backoff, ProgressPump, cancel_and_wait, sleep_unless
 from gpuflow.worker.executor import ProcessExecutor, run_in_loop
@@ -89,6 +90,7 @@ class Node:
         self.stopping = False
         self.need_recover = True
         self._background: set[asyncio.Task[None]] = set()
+        self._stopper: asyncio.Future[Any] | None = None  # claim_loop's waiter on stop
 
     @property
     def gpu_id(self) -> str:
@@ -162,6 +164,19 @@ class Node:
     async def claim_loop(self, stop: asyncio.Event) -> None:
         self.need_recover = True
         backoff = Backoff(cap=5.0)
+        # One waiter on ``stop`` for every claim of the loop (not a task per claim).
+        stopper = self._stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await self._claim_all(stop, backoff)
+        finally:
+            stopper.cancel()
+            self._stopper = None
+        # Stopping: nothing more may be started for this node, and what was (pushed to it
+        # after its last claim) goes back to the queue.
+        with contextlib.suppress(Exception):
+            await self.transport.stop_waiting(self.gpu_id)
+
+    async def _claim_all(self, stop: asyncio.Event, backoff: Backoff) -> None:
         while not stop.is_set():
             if self.busy >= self.slots:
                 self.wake.clear()
@@ -179,10 +194,6 @@ class Node:
                 # report) before the next claim's round trip takes the loop.
                 for _ in range(LAUNCH_YIELDS):
                     await asyncio.sleep(0)
-        # Stopping: nothing more may be started for this node, and what was (pushed to it
-        # after its last claim) goes back to the queue.
-        with contextlib.suppress(Exception):
-            await self.transport.stop_waiting(self.gpu_id)
 
     async def _claim_once(self, stop: asyncio.Event) -> list[ClaimedTask] | None:
         """Claim into the free slots; None after an error (the caller backs off)."""
@@ -210,11 +221,10 @@ class Node:
         claim = asyncio.create_task(
             self.transport.claim(self.gpu_id, self.opts.claim_wait_s, recover=recover)
         )
-        stopper = asyncio.create_task(stop.wait())
-        try:
-            await asyncio.wait({claim, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
+        waiters: set[asyncio.Future[Any]] = {claim}
+        if self._stopper is not None:
+            waiters.add(self._stopper)
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if not claim.done():
             # Ends a claim blocked on pushed tasks and takes back what was pushed but not
             # taken; one already on its way is in the claim's result, released below.

@@ -33,30 +33,42 @@ if redis.call('EXISTS', tkey) == 1 then
 end
 local display = redis.call('INCR', P .. 'seq:display')
 local now = now_ms()
-local fields = {'HSET', tkey, 'taskId', id, 'displayId', display, 'status', 'QUEUED',
-                'createdAt', now, 'updatedAt', now, 'attempt', 0, 'retryCount', 0, 'progress', 0}
+local fields = {'HSET', tkey, 'taskId', id, 'displayId', display, 'createdAt', now,
+                'retryCount', 0, 'progress', 0}
 local f = {}  -- the task's own fields, as stored
 for i = 12, #ARGV, 2 do
-  table.insert(fields, ARGV[i]); table.insert(fields, ARGV[i + 1])
+  fields[#fields + 1] = ARGV[i]; fields[#fields + 1] = ARGV[i + 1]
   f[ARGV[i]] = ARGV[i + 1]
 end
-redis.call(unpack(fields))
 local ttype, tier = f.taskType, f.tier
-redis.call('ZADD', P .. 'idx:all', display, id)
-redis.call('ZADD', P .. 'idx:type:' .. ttype, display, id)
-if f.userId then redis.call('ZADD', P .. 'idx:user:' .. f.userId, display, id) end
-emit('created', id, 'QUEUED', {'taskType', ttype})
 local q = k_queue(ttype, tier)
 local gpu, room, ttl = nil, 0, nil
 if redis.call('HGET', P .. 'tasktype:' .. ttype, 'exclusive') ~= '1' then
   gpu, room, ttl = waiting_gpu(q)
 end
-local status, ahead = 'QUEUED', 0
+local avg_ms = redis.call('HGET', k_tstat(ttype), 'avgMs') or ARGV[7]
+local capacity, avg_s = tonumber(ARGV[6]), tonumber(avg_ms) / 1000
+local function estimate(ahead)
+  if capacity <= 0 then return -1 end
+  return math.ceil(math.ceil(math.max(ahead, 0) / capacity) * avg_s + avg_s)
+end
+local function indexed()
+  redis.call('ZADD', P .. 'idx:all', display, id)
+  redis.call('ZADD', P .. 'idx:type:' .. ttype, display, id)
+  if f.userId then redis.call('ZADD', P .. 'idx:user:' .. f.userId, display, id) end
+end
+local status, wait = 'QUEUED', 0
 if gpu then
-  -- Started at once: never in the queue (its qstat counters and QUEUED indexes skip it).
+  -- Started at once: never in the queue (its qstat counters and QUEUED indexes skip it);
+  -- the record is written once, with the start's fields (start_on).
+  wait = estimate(0)
+  for _, v in ipairs({'estimatedWaitTime', wait}) do fields[#fields + 1] = v end
+  if idem ~= '' then fields[#fields + 1] = 'idemKey'; fields[#fields + 1] = idem end
+  indexed()
+  emit('created', id, 'QUEUED', {'taskType', ttype}, 'new')
   local t = {'QUEUED', false, ttype, tier, display, false, f.timeout, 0, f.payload, f.priority,
              f.userId, f.app, 0, f.maxRetries}  -- START_FIELDS
-  local row = start_on(gpu, id, tkey, t, now, lease, grace, fraction, false)
+  local row = start_on(gpu, id, tkey, t, now, lease, grace, fraction, fields)
   status = 'PROCESSING'
   local stay = 0
   if room > 1 then  -- room for more: it stays waiting, behind the others of the queue
@@ -69,25 +81,24 @@ if gpu then
   table.insert(row, 1, stay)
   redis.call('RPUSH', k_inbox(gpu), cjson.encode(row))
 else
+  for _, v in ipairs({'status', 'QUEUED', 'updatedAt', now, 'attempt', 0}) do
+    fields[#fields + 1] = v
+  end
+  if idem ~= '' then fields[#fields + 1] = 'idemKey'; fields[#fields + 1] = idem end
+  redis.call(unpack(fields))
+  indexed()
+  emit('created', id, 'QUEUED', {'taskType', ttype}, 'new')
   redis.call('ZADD', k_status('QUEUED'), display, id)
   redis.call('ZADD', k_status_type('QUEUED', ttype), display, id)
   enqueue(id, tkey)
-  ahead = tonumber(redis.call('HGET', tkey, 'queueSeq')) - 1 -
-          tonumber(redis.call('HGET', k_qstat(ttype, tier), 'deq') or '0')
+  local ahead = tonumber(redis.call('HGET', tkey, 'queueSeq')) - 1 -
+                tonumber(redis.call('HGET', k_qstat(ttype, tier), 'deq') or '0')
   if tier ~= 'VIP' then
     local v = redis.call('HMGET', k_qstat(ttype, 'VIP'), 'enq', 'deq')
     ahead = ahead + math.max(tonumber(v[1] or 0) - tonumber(v[2] or 0), 0)
   end
+  wait = estimate(ahead)
+  redis.call('HSET', tkey, 'estimatedWaitTime', wait)
 end
-local avg_ms = redis.call('HGET', k_tstat(ttype), 'avgMs') or ARGV[7]
-local capacity, avg_s = tonumber(ARGV[6]), tonumber(avg_ms) / 1000
-local wait = -1
-if capacity > 0 then
-  wait = math.ceil(math.ceil(math.max(ahead, 0) / capacity) * avg_s + avg_s)
-end
-redis.call('HSET', tkey, 'estimatedWaitTime', wait)
-if idem ~= '' then
-  redis.call('SET', idem, id .. ' ' .. body_hash, 'EX', ARGV[5])
-  redis.call('HSET', tkey, 'idemKey', idem)
-end
+if idem ~= '' then redis.call('SET', idem, id .. ' ' .. body_hash, 'EX', ARGV[5]) end
 return {'OK', display, wait, status}

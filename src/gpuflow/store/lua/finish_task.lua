@@ -52,8 +52,9 @@ local function finish(id, attempt, gpu_arg, outcome, text, retryable, jitter)
     local runs = durations[t[5]]
     if not runs then runs = {}; durations[t[5]] = runs end
     table.insert(runs, now - tonumber(t[4]))
-    if not clean[gpu] then
-      if redis.call('EXISTS', gkey) == 1 then redis.call('HSET', gkey, 'taskFailureCount', 0) end
+    if not clean[gpu] then  -- a write only when there is a count to reset
+      local fails = redis.call('HGET', gkey, 'taskFailureCount')
+      if fails and fails ~= '0' then redis.call('HSET', gkey, 'taskFailureCount', 0) end
       clean[gpu] = true
     end
     emit('completed', id, 'COMPLETED', {'gpuId', gpu}, t[7] == '1' and tkey)

@@ -113,6 +113,9 @@ local function emit(kind, id, status, extra, view_of)
                 'event', kind, 'taskId', id, 'status', status}
   if extra then for _, v in ipairs(extra) do table.insert(args, v) end end
   redis.call(unpack(args))
+  -- ``view_of`` 'new': the task is being created, so nobody can know its id yet (ids are
+  -- made by the api): the event only, no note.
+  if view_of == 'new' then return end
   -- Wake whoever awaits this task (long-poll, SSE): costs next to nothing when nobody
   -- listens. The channel names mirror gpuflow/core/notify.py (TaskNotifier.channel).
   -- A final status also goes to ``evf:<id>``, the channel of requests that await only the
@@ -314,22 +317,27 @@ local START_FIELDS = {'status', 'streamId', 'taskType', 'tier', 'displayId', 'ra
 -- timers armed, in the GPU's running set. Returns the compact row an agent runs it with:
 -- taskId, taskType, attempt, gpuId, payload, priority, displayId, userId, app, timeout,
 -- retryCount, maxRetries ('' for a missing one; core/dispatch.py: COMPACT_FIELDS).
--- ``indexed``: false for a task not yet in the QUEUED indexes (started as it is created).
-local function start_on(gpu, id, tkey, t, now, lease, grace, fraction, indexed)
+-- ``created``: the field/value list (an HSET's arguments from the key on) of a task being
+-- created and started at once, not yet in any index: written with the start's fields in
+-- one HSET, and its events go without notes (emit's 'new').
+local function start_on(gpu, id, tkey, t, now, lease, grace, fraction, created)
   local ttype = t[3]
-  move_index(id, indexed ~= false and 'QUEUED' or nil, 'PROCESSING', t[5], ttype, now)
+  move_index(id, not created and 'QUEUED' or nil, 'PROCESSING', t[5], ttype, now)
   local attempt = tonumber(t[8] or 0) + 1
   -- progress is 0 and progressMessage empty already: create sets one, and every way back
   -- to QUEUED (requeue, retry_or_end) resets both.
-  local fields = {'HSET', tkey, 'status', 'PROCESSING', 'attempt', attempt, 'gpuId', gpu,
-                  'startedAt', now, 'updatedAt', now}
+  local fields = created or {'HSET', tkey}
+  for _, v in ipairs({'status', 'PROCESSING', 'attempt', attempt, 'gpuId', gpu,
+                      'startedAt', now, 'updatedAt', now}) do
+    fields[#fields + 1] = v
+  end
   local ran = ran_on(t[6], gpu)
-  if ran then table.insert(fields, 'ranOn'); table.insert(fields, ran) end
+  if ran then fields[#fields + 1] = 'ranOn'; fields[#fields + 1] = ran end
   redis.call(unpack(fields))
   zadd(P .. 'idx:gpu:' .. gpu, t[5], id)
   arm_timer_sets(id, now, lease, tonumber(t[7] or 0), grace, fraction)
   sadd(k_running(gpu), id)
-  emit('started', id, 'PROCESSING', {'gpuId', gpu})
+  emit('started', id, 'PROCESSING', {'gpuId', gpu}, created and 'new' or nil)
   return {id, ttype, attempt, gpu, t[9] or '', t[10] or '', t[5], t[11] or '', t[12] or '',
           t[7] or '', t[13] or '', t[14] or ''}
 end
