@@ -364,6 +364,7 @@ async def test_alone_first_sends_a_lone_call_at_once_and_batches_what_piles_up()
 
     async def call(items: list[int]) -> list[int | Exception]:
         batches.append(items)
+        await asyncio.sleep(0)  # a round trip
         if 0 in items:
             await release.wait()
         return [ValueError(f"bad {i}") if i < 0 else i * 10 for i in items]
@@ -386,6 +387,14 @@ async def test_alone_first_sends_a_lone_call_at_once_and_batches_what_piles_up()
     release.set()
     assert await co.submit(5) == 50  # and the next one goes out alone again
     assert batches[-1] == [5]
+    # Calls that pile up: the last call carried several, so a burst is batched whole, as
+    # without alone_first, until calls come one at a time again.
+    assert await asyncio.gather(*(co.submit(i) for i in (5, 6, 7))) == [50, 60, 70]
+    assert batches[-2:] == [[5], [6, 7]]
+    assert await asyncio.gather(*(co.submit(i) for i in (8, 9))) == [80, 90]
+    assert batches[-1] == [8, 9]
+    assert await co.submit(1) == 10  # a batch of one: quiet again
+    assert await co.submit(2) == 20 and batches[-1] == [2]
 
 
 async def test_without_alone_first_calls_of_one_tick_share_a_batch() -> None:

@@ -5,11 +5,13 @@ costs to run a small script, so a busy worker that reports every task alone spen
 its time on round trips. :class:`Coalescer` collects the calls made in one event-loop tick
 (and those made while a batch is in flight) and runs them as one batch. It never waits for
 more work: a lone call goes out on the next loop iteration, so an idle system sees no extra
-latency; batches only form when calls pile up. With ``alone_first`` a call made while
-nothing is in flight goes out at once, in its caller's own task (no flushing task to start,
-no loop iteration to wait for: a task's report is on the path of every awaited task); the
-calls that pile up behind it go out together. Callers whose calls should all share one
-batch (the heartbeats of one agent's GPUs) leave it off.
+latency; batches only form when calls pile up. With ``alone_first``, while calls come one
+at a time (the last call carried one item), a call made while nothing is in flight goes out
+at once, in its caller's own task (no flushing task to start, no loop iteration to wait for:
+a task's report is on the path of every awaited task), and the calls that pile up behind it
+go out together; once they pile up (the last call carried several), every call waits for the
+loop's turn again, so that a busy worker's reports keep sharing calls. Callers whose calls
+should all share one batch (the heartbeats of one agent's GPUs) leave it off.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ class Coalescer(Generic[T, R]):
     """``await submit(item)`` runs ``item`` as part of the next batch call.
 
     One batch is in flight at a time (per event loop); up to ``max_batch`` items go in each.
-    With ``alone_first``, a call made while nothing is in flight goes alone, at once, and the
-    batch of the calls made meanwhile may run alongside it.
+    With ``alone_first``, a call made while nothing is in flight and the last call carried
+    one item goes alone, at once; the batch of the calls made meanwhile may run alongside it.
     When the batch call itself fails (a lost connection), every item in it gets that error;
     with ``timeout_s``, a batch call that runs longer fails its items with ``TimeoutError``
     (one timer per batch, not per caller).
@@ -55,11 +57,17 @@ class Coalescer(Generic[T, R]):
         self._flushers: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
         self._alone_first = alone_first
         self._alone: set[asyncio.AbstractEventLoop] = set()  # loops with a lone call out
+        self._quiet = True  # the last call carried one item: calls come one at a time
 
     async def submit(self, item: T) -> R:
         loop = asyncio.get_running_loop()
         flusher = self._flushers.get(loop)
-        if self._alone_first and loop not in self._alone and (flusher is None or flusher.done()):
+        if (
+            self._alone_first
+            and self._quiet
+            and loop not in self._alone
+            and (flusher is None or flusher.done())
+        ):
             return await self._alone_call(loop, item)
         fut: asyncio.Future[R] = loop.create_future()
         self._pending.append((item, fut))
@@ -110,6 +118,7 @@ class Coalescer(Generic[T, R]):
                 if not live:
                     continue
                 results: Sequence[R | Exception]
+                self._quiet = len(live) == 1
                 try:
                     async with asyncio.timeout(self._timeout):
                         results = await self._call([item for item, _ in live])
