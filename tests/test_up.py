@@ -129,20 +129,3 @@ def test_health_is_503_when_redis_is_gone(data_dir: Path) -> None:
         assert r.json()["data"]["redis"] == "DOWN"
     finally:
         up.stop()
-
-
-def test_a_server_process_freezes_its_start_up_heap() -> None:
-    """`gpuflow api` / `worker` take their start-up objects out of the collector's way and
-    collect the youngest generation less often (gpuflow/cli/heap.py): checked in a fresh
-    interpreter, not in the test process."""
-    code = (
-        "import gc\n"
-        "from gpuflow.cli.heap import YOUNG_THRESHOLD, freeze_startup_heap\n"
-        "before = gc.get_freeze_count()\n"
-        "freeze_startup_heap()\n"
-        "print(before, gc.get_freeze_count() > 1000, gc.get_threshold()[0] == YOUNG_THRESHOLD)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert out.stdout.split() == ["0", "True", "True"]

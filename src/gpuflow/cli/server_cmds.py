@@ -12,7 +12,6 @@ from typing import Annotated
 import typer
 
 from gpuflow.adminkey import load_or_create_admin_key
-from gpuflow.cli.heap import freeze_startup_heap
 from gpuflow.config import Settings
 from gpuflow.store.embedded import EmbeddedRedis, EmbeddedRedisError
 
@@ -67,7 +66,6 @@ def _serve(settings: Settings, redis_url: str) -> None:
         app, host=settings.host, port=settings.port, log_level="info", access_log=False,
         loop="auto", http="auto", lifespan="on", timeout_graceful_shutdown=10,
     )  # fmt: skip
-    freeze_startup_heap()
     uvicorn.Server(config).run()
 
 

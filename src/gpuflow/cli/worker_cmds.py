@@ -21,7 +21,6 @@ from typing import Annotated
 import typer
 import uvloop
 
-from gpuflow.cli.heap import freeze_startup_heap
 from gpuflow.config import get_settings
 from gpuflow.store.embedded import EmbeddedRedisError, read_url
 from gpuflow.worker import Agent, TransportRejected, Worker, detect_nodes, load_worker
@@ -150,7 +149,6 @@ def worker(
         raise typer.Exit(2) from exc
     for node in nodes:
         log.info("node %s: %s", node.gpu_id, node.metadata)
-    freeze_startup_heap()
     # uvloop: the agent's loop is the hot path of every task (claim, report, heartbeat).
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         code = runner.run(_serve(served, make_transport, nodes, grace))
