@@ -326,10 +326,16 @@ local function start_on(gpu, id, tkey, t, now, lease, grace, fraction, created)
   local attempt = tonumber(t[8] or 0) + 1
   -- progress is 0 and progressMessage empty already: create sets one, and every way back
   -- to QUEUED (requeue, retry_or_end) resets both.
-  local fields = created or {'HSET', tkey}
-  for _, v in ipairs({'status', 'PROCESSING', 'attempt', attempt, 'gpuId', gpu,
-                      'startedAt', now, 'updatedAt', now}) do
-    fields[#fields + 1] = v
+  local fields
+  if created then
+    fields = created
+    local n = #fields
+    fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4] = 'status', 'PROCESSING', 'attempt', attempt
+    fields[n + 5], fields[n + 6], fields[n + 7], fields[n + 8] = 'gpuId', gpu, 'startedAt', now
+    fields[n + 9], fields[n + 10] = 'updatedAt', now
+  else
+    fields = {'HSET', tkey, 'status', 'PROCESSING', 'attempt', attempt, 'gpuId', gpu,
+              'startedAt', now, 'updatedAt', now}
   end
   local ran = ran_on(t[6], gpu)
   if ran then fields[#fields + 1] = 'ranOn'; fields[#fields + 1] = ran end
