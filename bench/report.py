@@ -11,6 +11,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 PYTHON_PEERS = ("celery", "rq", "arq", "dramatiq", "saq")
+#: The row of bench/e2e_floor.py (gpuflow's chain with no work): shown, never a peer.
+FLOOR = "e2e floor (no work)"
 DRAIN_FACTOR = 1.5  # gpuflow's drain ≥ 1.5 × the fastest Python peer
 HTTP_SHARE = 0.5  # POST /api/v2/tasks ≥ 50 % of the bare FastAPI + XADD ceiling
 
@@ -215,11 +217,18 @@ def e2e_note(results: Results) -> str:
     e2e = results.systems.get("gpuflow (HTTP API)", {}).get("e2e") or {}
     if "in_redis_ms" not in e2e:
         return ""
+    floor = results.systems.get(FLOOR, {}).get("e2e") or {}
+    versus = (
+        f" The same six hops with no work in them took {floor['p50']:.2f} ms p50 "
+        f"(the e2e floor row)."
+        if "p50" in floor
+        else ""
+    )
     return (
         f"\ngpuflow's end-to-end time, from its task records (medians, ms resolution): "
         f"created → started {e2e['dispatch_ms']} ms, started → completed "
         f"{e2e['run_report_ms']} ms; the rest of the {e2e['p50']:.1f} ms p50 is HTTP "
-        f"and the api's wake-up. Wait mode: {e2e.get('how', '?')}.\n"
+        f"and the api's wake-up. Wait mode: {e2e.get('how', '?')}.{versus}\n"
     )
 
 
@@ -279,7 +288,10 @@ _Written by `bench/run.py`; do not edit by hand (rerun it)._
   `Job.result(poll_delay=0.005)` and saq's `Queue.apply(poll_interval=0.005)` poll
   (defaults 0.5 s); Celery (Redis result backend, pub/sub), RQ (`latest_result(timeout)`,
   blocking stream read), dramatiq (`Results` middleware, blocking) and BullMQ
-  (`waitUntilFinished`, stream events) are notified.
+  (`waitUntilFinished`, stream events) are notified. The "e2e floor" row is gpuflow's chain
+  of six hops with no work in them (`bench/e2e_floor.py`: a raw ASGI app on uvicorn, two
+  two-command scripts, a `BLPOP` loop, one pattern subscription, the aiohttp client): no
+  system built this way answers faster here; it is not a peer.
 - **Heartbeats** (`--scale`): 10,000 registered GPUs beat every 5 s (2,000 beats/s) for 30 s:
   straight to Redis as the Python agent does; over HTTP as `gpuflow worker --api-url` sends
   them, one `POST /api/v2/gpus/heartbeats` per 8-GPU box (250 requests/s, the target row);

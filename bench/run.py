@@ -31,10 +31,11 @@ from typing import Any
 import httpx
 import redis
 
+from bench import e2e_floor
 from bench import gpuflow_app as gfa
 from bench.chaos_cluster import Proc, free_port
 from bench.peer_setup import PEERS, PEERS_DIR, Peer, install, version
-from bench.report import Results, write_report
+from bench.report import FLOOR, Results, write_report
 from bench.runenv import has_node, machine, parse, tree_cpu
 from gpuflow.config import Settings
 from gpuflow.store.embedded import EmbeddedRedis
@@ -336,6 +337,30 @@ class Bench:
             self.stop([api])
         print(f"   {row}\n   {http}", flush=True)
 
+    def run_floor(self) -> None:
+        """The end-to-end floor (``bench/e2e_floor.py``): gpuflow's six hops, no work in them."""
+        print("== e2e floor", flush=True)
+        row = self.results.system(
+            FLOOR,
+            "—",
+            "the same six hops with no work: raw ASGI app on uvicorn, a 2-command script "
+            "(HSET, RPUSH), a `BLPOP` loop, a 2-command script (HSET, PUBLISH), one pattern "
+            "subscription; aiohttp client (`bench/e2e_floor.py`)",
+        )
+        self.flush()
+        port = free_port()
+        argv = [sys.executable, "-m", "bench.e2e_floor"]
+        api = self.spawn("floor-api", [*argv, "api", str(port)], self.env())
+        procs = [api, self.spawn("floor-worker", [*argv, "worker"], self.env())]
+        try:
+            self.wait_http(api, f"http://127.0.0.1:{port}/")
+            self.settle()
+            url, t = f"http://127.0.0.1:{port}/api/v2/tasks", float(self.args.phase_timeout)
+            row["e2e"] = asyncio.run(e2e_floor.drive(url, self.args.e2e, t))
+        finally:
+            self.stop(procs)
+        print(f"   {row}", flush=True)
+
     def py_spy(self, name: str, target: Proc, delay: float = 0.0) -> Proc | None:
         """With ``--py-spy BINARY``: sample ``target`` for ``--py-spy-seconds`` into
         ``logs/NAME.pyspy.txt`` (collapsed stacks; ``--py-spy-format`` to change)."""
@@ -437,6 +462,8 @@ class Bench:
         steps: list[tuple[str, Callable[[], None]]] = []
         if "gpuflow" in self.args.only:
             steps.append(("gpuflow", self.run_gpuflow))
+        if "gpuflow" in self.args.only:
+            steps.append(("e2e floor", self.run_floor))
         if not self.args.skip_http and "gpuflow" in self.args.only:
             steps.append(("bare", self.run_bare))
         for name in self.args.only:
