@@ -1,9 +1,11 @@
 """Push wake-ups for requests that await a task (long-poll, SSE) without polling Redis.
 
 Every transition script ``PUBLISH``es the task's new status on ``<prefix>ev:<taskId>``
-(``emit`` in ``store/lua/lib.lua``). Each API process keeps ONE Pub/Sub connection here: a
-waiting request :meth:`TaskNotifier.watch` es its task, which SUBSCRIBEs the task's channel
-(on first interest; UNSUBSCRIBE after the last) and waits until Redis has confirmed it.
+(``emit`` in ``store/lua/lib.lua``), except the creation's own steps: every route that
+watches a task reads it first, so nobody can watch one that does not exist yet. Each API
+process keeps ONE Pub/Sub connection here: a waiting request :meth:`TaskNotifier.watch` es
+its task, which SUBSCRIBEs the task's channel (on first interest; UNSUBSCRIBE after the
+last) and waits until Redis has confirmed it.
 Only then does the request read the task's state, so a transition can never slip between
 the read and the wait (no lost wake-up). Messages are dispatched to each watcher's small
 queue; the request re-reads the state when woken.
