@@ -80,11 +80,8 @@ class Coalescer(Generic[T, R]):
         """``item`` as a batch of one, in the caller's task (cancelled with its caller)."""
         self._alone.add(loop)
         try:
-            if self._timeout is None:
+            async with asyncio.timeout(self._timeout):
                 results = await self._call([item])
-            else:
-                async with asyncio.timeout(self._timeout):
-                    results = await self._call([item])
         finally:
             self._alone.discard(loop)
         if len(results) != 1:

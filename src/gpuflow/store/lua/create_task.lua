@@ -52,20 +52,17 @@ local function estimate(ahead)
   if capacity <= 0 then return -1 end
   return math.ceil(math.ceil(math.max(ahead, 0) / capacity) * avg_s + avg_s)
 end
-local function indexed()
-  redis.call('ZADD', P .. 'idx:all', display, id)
-  redis.call('ZADD', P .. 'idx:type:' .. ttype, display, id)
-  if f.userId then redis.call('ZADD', P .. 'idx:user:' .. f.userId, display, id) end
-end
+if idem ~= '' then fields[#fields + 1] = 'idemKey'; fields[#fields + 1] = idem end
+redis.call('ZADD', P .. 'idx:all', display, id)
+redis.call('ZADD', P .. 'idx:type:' .. ttype, display, id)
+if f.userId then redis.call('ZADD', P .. 'idx:user:' .. f.userId, display, id) end
+emit('created', id, 'QUEUED', {'taskType', ttype}, 'new')
 local status, wait = 'QUEUED', 0
 if gpu then
   -- Started at once: never in the queue (its qstat counters and QUEUED indexes skip it);
   -- the record is written once, with the start's fields (start_on).
   wait = estimate(0)
-  for _, v in ipairs({'estimatedWaitTime', wait}) do fields[#fields + 1] = v end
-  if idem ~= '' then fields[#fields + 1] = 'idemKey'; fields[#fields + 1] = idem end
-  indexed()
-  emit('created', id, 'QUEUED', {'taskType', ttype}, 'new')
+  fields[#fields + 1] = 'estimatedWaitTime'; fields[#fields + 1] = wait
   local t = {'QUEUED', false, ttype, tier, display, false, f.timeout, 0, f.payload, f.priority,
              f.userId, f.app, 0, f.maxRetries}  -- START_FIELDS
   local row = start_on(gpu, id, tkey, t, now, lease, grace, fraction, fields)
@@ -84,10 +81,7 @@ else
   for _, v in ipairs({'status', 'QUEUED', 'updatedAt', now, 'attempt', 0}) do
     fields[#fields + 1] = v
   end
-  if idem ~= '' then fields[#fields + 1] = 'idemKey'; fields[#fields + 1] = idem end
   redis.call(unpack(fields))
-  indexed()
-  emit('created', id, 'QUEUED', {'taskType', ttype}, 'new')
   redis.call('ZADD', k_status('QUEUED'), display, id)
   redis.call('ZADD', k_status_type('QUEUED', ttype), display, id)
   enqueue(id, tkey)
