@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpuflow.store.events import per_task
+
 FINAL_EVENTS = ("completed", "failed", "timeout", "canceled")
 
 
@@ -103,7 +105,9 @@ class Snapshot:
         start = "-"
         while True:
             page = r.xrange(f"{ns}events", start, "+", count=10_000)
-            events += [(int(eid.split("-")[0]) / 1000.0, f) for eid, f in page]
+            for eid, fields in page:  # a batch script's entry: once per task it names
+                at = int(eid.split("-")[0]) / 1000.0
+                events += [(at, one) for one in per_task([fields])]
             if len(page) < 10_000:
                 break
             start = "(" + page[-1][0]

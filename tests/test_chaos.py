@@ -20,6 +20,8 @@ import pytest
 from bench.chaos_cluster import NAMESPACE, ROOT, Cluster
 from bench.chaos_report import Execution, Ledger, Snapshot, check_tasks
 
+from gpuflow.store.events import per_task
+
 
 @pytest.mark.timeout(300)
 def test_short_chaos_profile_loses_nothing(tmp_path: Path) -> None:
@@ -106,7 +108,11 @@ def test_stale_worker_late_completion_is_refused(tmp_path: Path) -> None:
         ledger.refresh()
         runs = sorted((e.attempt, e.end is not None) for e in ledger.executions)
         assert runs == [(1, True), (2, True)]  # both executions returned; one result recorded
-        finals = [f for _, f in events if f["taskId"] == task_id and f["event"] == "completed"]
+        finals = [
+            f
+            for f in per_task(f for _, f in events)
+            if f.get("taskId") == task_id and f["event"] == "completed"
+        ]
         assert len(finals) == 1
     finally:
         cluster.close()

@@ -15,6 +15,7 @@ from gpuflow.core.loops import Maintenance
 from gpuflow.core.system import System
 from gpuflow.core.tasks import NewTask, Tasks
 from gpuflow.store import Store
+from gpuflow.store.events import per_task
 from gpuflow.worker import Agent
 
 FINAL = frozenset({"COMPLETED", "FAILED", "TIMEOUT", "CANCELED"})
@@ -68,7 +69,7 @@ async def wait_pid(store: Store, task_id: str) -> int:
 
 async def events_of(store: Store, task_id: str) -> list[dict[str, str]]:
     entries = await store.redis.xrange(store.keys.events)
-    return [fields for _, fields in entries if fields.get("taskId") == task_id]
+    return [f for f in per_task(fields for _, fields in entries) if f.get("taskId") == task_id]
 
 
 @asynccontextmanager

@@ -69,7 +69,11 @@ class Settings(BaseSettings):
     )
     heartbeat_interval_s: float = Field(default=5.0, description="Worker heartbeat period.")
     claim_wait_max_s: float = Field(default=60.0, description="Longest claim long-poll.")
-    events_maxlen: int = Field(default=10_000, description="Length cap of the events stream.")
+    events_maxlen: int = Field(
+        default=10_000,
+        description="Length cap of the events stream, in entries (a batch call's like "
+        "transitions share one).",
+    )
 
 
 @lru_cache(maxsize=1)
