@@ -82,6 +82,8 @@ class Node:
         self.opts = opts
         self.slots = max(1, spec.max_concurrent_tasks)
         self.busy = 0
+        #: Jobs whose handler has ended and whose report awaits Redis's answer (in ``busy``).
+        self.reporting = 0
         self.jobs: dict[tuple[str, int], Job] = {}
         self.idle: list[ProcessExecutor] = []
         self.executors: list[ProcessExecutor] = []
@@ -248,7 +250,11 @@ class Node:
     def _launch(self, task: ClaimedTask) -> None:
         fn = self.worker.handlers.get(task.task_type)
         sync = fn is not None and not is_async_handler(fn)
-        if self.busy >= self.slots or self.stopping or (sync and not self.idle):
+        # A job that only awaits its report's answer holds no slot here: once the report
+        # has landed the server counts the slot free, and a claim that raced past it may
+        # bring a task for that slot (its handler is done).
+        running = self.busy - self.reporting
+        if running >= self.slots or self.stopping or (sync and not self.idle):
             log.warning("%s: no free slot for %s, releasing it", self.gpu_id, task.task_id)
             self._in_background(self.release(task))
             return
@@ -267,6 +273,7 @@ class Node:
                 log.exception("%s: running %s failed", self.gpu_id, task.task_id)
                 outcome = Outcome(False, f"worker error: {exc}")
             job.reporting = True
+            self.reporting += 1
             await pump.close()
             if outcome is not None:
                 await self._report(task, outcome)
@@ -283,6 +290,8 @@ class Node:
             self.jobs.pop((task.task_id, task.attempt), None)
             if executor is not None:
                 self.idle.append(executor)
+            if job.reporting:
+                self.reporting -= 1
             self.busy -= 1
             self.wake.set()
 
