@@ -123,7 +123,7 @@ PEERS: dict[str, Peer] = {
             "bullmq",
             ["bullmq"],
             _twice(lambda w: ["node", str(w / "node" / "bullmq_app.mjs"), "worker"]),
-            "2 Node.js processes, one `Worker` each with concurrency 50",
+            "2 Node.js processes, one `Worker` each with concurrency 128",
             count=("ZCARD", "bull:bench:completed"),
             node=True,
         ),

@@ -271,7 +271,9 @@ _Written by `bench/run.py`; do not edit by hand (rerun it)._
   and framework start-up are not counted. gpuflow counts `ZCARD gf:idx:status:COMPLETED`;
   BullMQ `ZCARD bull:bench:completed`; the Python peers' no-op task does `INCR bench:done`
   (Celery with `ignore_result` stores nothing else to count), one Redis round trip per task
-  that gpuflow's no-op handler does not make.
+  that gpuflow's no-op handler does not make. gpuflow and BullMQ run the same shape: 2
+  processes with 128 tasks in flight each (gpuflow measured ~10-20 % faster at 128 than at
+  64, BullMQ ~5 % faster at 128 than at 50; 256 was not faster for gpuflow).
 - **CPU per drained task**: CPU seconds (user + system) of the Redis server and of the worker
   processes with their children, over the same span as the rate, divided by the tasks
   finished in it: what one task costs each side, whatever else the machine runs.

@@ -85,7 +85,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--only", default="gpuflow," + ",".join(PEERS), help="systems to run")
     p.add_argument(
-        "--gpuflow-setup", default="2x1x64", help="worker processes x GPUs x concurrency"
+        "--gpuflow-setup", default="2x1x128", help="worker processes x GPUs x concurrency"
     )
     p.add_argument("--skip-http", action="store_true", help="no HTTP ceiling runs")
     p.add_argument("--conns", type=int, default=32, help="HTTP ceiling: concurrent connections")

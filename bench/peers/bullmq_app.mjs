@@ -15,7 +15,7 @@ const connection = new IORedis({
   maxRetriesPerRequest: null,
 });
 const NAME = "bench";
-const CONCURRENCY = Number(process.env.BENCH_BULLMQ_CONCURRENCY || 50);
+const CONCURRENCY = Number(process.env.BENCH_BULLMQ_CONCURRENCY || 128);
 const DEADLINE_MS = Number(process.env.BENCH_PHASE_TIMEOUT_S || 300) * 1000;
 
 function emit(data) {
