@@ -22,7 +22,7 @@ key                             type     meaning
 ``gpu:{id}:running``            set      task ids running on that GPU
 ``gpu:{id}:waiting``            string   set while the GPU's agent waits for pushed tasks (PX TTL)
 ``gpu:{id}:inbox``              list     tasks started for the waiting GPU, as JSON rows
-``q:{type}:{tier}:waiters``     zset     GPUs waiting on that queue, score = since when (ms)
+``q:{type}:{tier}:waiters``     zset     GPUs waiting on the queue: idle first (-ms), then busy (ms)
 ``gpus``                        zset     GPU ids, score = registration time
 ``gpus:beats``                  zset     GPU ids, score = last heartbeat (OFFLINE detection)
 ``queues``                      set      every queue stream (for reclaiming stale entries)

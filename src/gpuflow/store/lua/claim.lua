@@ -157,7 +157,13 @@ local function run()
   for sk, count in pairs(dequeued) do redis.call('HINCRBY', sk, 'deq', count) end
   if wait_ms > 0 and empty and free > 0 then
     redis.call('SET', k_waitflag(gpu), wait_ms, 'PX', wait_ms)
-    for i = first, #ARGV do redis.call('ZADD', k_waiters(ARGV[i]), now, gpu) end
+    -- An idle GPU already waiting keeps its place (its agent's blocking read only ended).
+    local running = tonumber(g[2]) - free
+    for i = first, #ARGV do
+      local wk = k_waiters(ARGV[i])
+      local was = running == 0 and tonumber(redis.call('ZSCORE', wk, gpu))
+      if not (was and was < 0) then redis.call('ZADD', wk, waiter_score(running, now), gpu) end
+    end
     waiting = 1
   end
 end

@@ -68,10 +68,10 @@ if gpu then
   local row = start_on(gpu, id, tkey, t, now, lease, grace, fraction, fields)
   status = 'PROCESSING'
   local stay = 0
-  if room > 1 then  -- room for more: it stays waiting, behind the others of the queue
+  if room > 1 then  -- room for more: it stays waiting, now as a busy GPU (waiter_score)
     stay = 1
     redis.call('PEXPIRE', k_waitflag(gpu), ttl)
-    redis.call('ZADD', k_waiters(q), now, gpu)
+    redis.call('ZADD', k_waiters(q), waiter_score(1, now), gpu)
   else
     redis.call('DEL', k_waitflag(gpu))
   end

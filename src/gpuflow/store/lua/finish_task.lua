@@ -15,6 +15,7 @@ local n = tonumber(ARGV[6])
 local now = now_ms()
 local durations = {}  -- taskType -> run times (ms) of this call's completions, in order
 local clean = {}      -- gpu -> its taskFailureCount is known to be 0 in this call
+local freed = {}      -- gpu -> {queue key -> true}: GPUs that ended tasks of those queues
 
 local function fail_count(gpu, gkey, text)
   clean[gpu] = nil
@@ -32,7 +33,7 @@ end
 local function finish(id, attempt, gpu_arg, outcome, text, retryable, jitter)
   local tkey = k_task(id)
   local t = redis.call('HMGET', tkey, 'status', 'attempt', 'gpuId', 'startedAt', 'taskType',
-                       'displayId', 'awaited')
+                       'displayId', 'awaited', 'tier')
   if not t[1] then return {'NOTFOUND'} end
   if t[1] ~= 'PROCESSING' then return {'CONFLICT', 'task is ' .. t[1] .. ', not PROCESSING'} end
   if attempt ~= '' and attempt ~= t[2] then
@@ -44,6 +45,9 @@ local function finish(id, attempt, gpu_arg, outcome, text, retryable, jitter)
   end
   clear_timers(id, gpu)
   srem(k_running(gpu), id)
+  local qs = freed[gpu]
+  if not qs then qs = {}; freed[gpu] = qs end
+  if t[5] and t[8] then qs[k_queue(t[5], t[8])] = true end
   local gkey = k_gpu(gpu)
   if outcome == 'COMPLETED' then
     move_index(id, 'PROCESSING', 'COMPLETED', t[6], t[5], now)
@@ -77,6 +81,13 @@ for i = 0, n - 1 do
   end
 end
 flush_later()  -- a failed report's writes up to its failure stand, as they would alone
+-- A GPU left with nothing running that waits for pushed tasks of those queues goes first
+-- among the idle ones (waiter_score in lib.lua); XX: only where it is registered.
+for gpu, qs in pairs(freed) do
+  if redis.call('SCARD', k_running(gpu)) == 0 then
+    for q in pairs(qs) do redis.call('ZADD', k_waiters(q), 'XX', waiter_score(0, now), gpu) end
+  end
+end
 -- Each type's average run time: the same moving average as one report at a time.
 for ttype, runs in pairs(durations) do
   local sk = k_tstat(ttype)
