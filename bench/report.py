@@ -302,6 +302,9 @@ _Written by `bench/run.py`; do not edit by hand (rerun it)._
   process's CPU. The floor
   rows are the same loads against uvicorn serving a raw ASGI app that does nothing
   (`bench/floor_app.py`): no route of any ASGI app costs less here.
+- **Order**: each round runs BullMQ, gpuflow, the bare FastAPI app, the e2e floor, then the
+  Python peers; every other round in reverse order. The systems a target compares run next
+  to each other, and a drift of the machine's speed within a round weighs on them alike.
 - Every peer is installed in its own virtual environment under `bench/.work/venvs/` (BullMQ with
   npm under `bench/.work/node/`), each starts from an empty Redis (`FLUSHALL`). Logs of every
   process are in `bench/.work/logs/`.

@@ -459,26 +459,41 @@ class Bench:
         self.results.args = vars(self.args) | {"work": str(self.args.work)}
         argv = shlex.join(sys.argv[1:])
         self.results.command = f"uv run --group bench python -m bench.run {argv}".rstrip()
-        steps: list[tuple[str, Callable[[], None]]] = []
-        if "gpuflow" in self.args.only:
-            steps.append(("gpuflow", self.run_gpuflow))
-        if "gpuflow" in self.args.only:
-            steps.append(("e2e floor", self.run_floor))
-        if not self.args.skip_http and "gpuflow" in self.args.only:
-            steps.append(("bare", self.run_bare))
-        for name in self.args.only:
-            if name in PEERS and (not PEERS[name].node or has_node()):
-                steps.append((name, lambda p=PEERS[name]: self.run_peer(p)))
+        steps = self.steps()
         # Round-robin: this machine's speed drifts by tens of percent over minutes, so each
-        # system runs once per round and the report shows medians over the rounds.
+        # system runs once per round and the report shows medians over the rounds. Every
+        # other round runs in reverse order, so that a drift within a round weighs on the
+        # systems a target compares alike (they run next to each other: see steps).
         for i in range(self.args.rounds):
             print(f"== round {i + 1} of {self.args.rounds}", flush=True)
-            for name, step in steps:
+            for name, step in steps if i % 2 == 0 else steps[::-1]:
                 self.attempt(name, step)
             self.results.end_round()
         if self.args.scale:
             self.attempt("scale", self.run_scale)
         self.flush()
+
+    def steps(self) -> list[tuple[str, Callable[[], None]]]:
+        """The systems of one round: BullMQ (the peer gpuflow's drain and, most often, its
+        e2e latency are compared with), gpuflow, the bare app its HTTP ceiling is compared
+        with, the e2e floor, then the Python peers."""
+        only = self.args.only
+        steps: list[tuple[str, Callable[[], None]]] = []
+
+        def peer(name: str) -> None:
+            if name in only and name in PEERS and (not PEERS[name].node or has_node()):
+                steps.append((name, lambda p=PEERS[name]: self.run_peer(p)))
+
+        peer("bullmq")
+        if "gpuflow" in only:
+            steps.append(("gpuflow", self.run_gpuflow))
+            if not self.args.skip_http:
+                steps.append(("bare", self.run_bare))
+            steps.append(("e2e floor", self.run_floor))
+        for name in only:
+            if name != "bullmq":
+                peer(name)
+        return steps
 
     def attempt(self, name: str, step: Callable[[], None]) -> None:
         try:

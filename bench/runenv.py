@@ -93,7 +93,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--rounds",
         type=int,
-        default=3,
+        default=5,
         help="run the systems round-robin this many times; the tables show medians",
     )
     p.add_argument("--scale", action="store_true", help="include bench/scale.py's rows")
