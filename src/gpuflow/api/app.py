@@ -76,7 +76,7 @@ def create_app(
             await notifier.close()
             await system.close()
 
-    app = FastAPI(
+    app = GpuflowApp(
         title="gpuflow",
         version=__version__,
         description=DESCRIPTION,
@@ -86,8 +86,7 @@ def create_app(
     limit = settings.max_payload_bytes * 2 + 65_536
     app.add_middleware(BodyLimit, limit=limit)
     if fast_paths:
-        app.add_middleware(HeartbeatFastPath, max_body=limit)
-        app.add_middleware(CreateFastPath, max_body=limit)
+        app.fast = CreateFastPath(HeartbeatFastPath(app.full_call, max_body=limit), max_body=limit)
 
     for module in (
         routes_tasks,
@@ -100,6 +99,25 @@ def create_app(
         app.include_router(module.router)
     _document_400_not_422(app)
     return app
+
+
+class GpuflowApp(FastAPI):
+    """FastAPI with the two hot POSTs (create, heartbeat) answered ahead of its per-request
+    machinery: the telemetry provider checks FastAPI makes on every request, Starlette's
+    middleware stack and its error middleware (each fast path answers its own errors, and
+    hands every other request to :meth:`full_call`, the whole stack)."""
+
+    fast: ASGIApp | None = None
+
+    async def full_call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast is not None and scope["type"] == "http" and scope["method"] == "POST":
+            scope["app"] = self
+            await self.fast(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 #: Routes that need no credential (every other one answers 401 without one).
