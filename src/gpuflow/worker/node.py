@@ -92,7 +92,6 @@ class Node:
         self.stopping = False
         self.need_recover = True
         self._background: set[asyncio.Task[None]] = set()
-        self._stopper: asyncio.Future[Any] | None = None  # claim_loop's waiter on stop
 
     @property
     def gpu_id(self) -> str:
@@ -167,24 +166,25 @@ class Node:
         self.need_recover = True
         backoff = Backoff(cap=5.0)
         # One waiter on ``stop`` for every claim of the loop (not a task per claim).
-        stopper = self._stopper = asyncio.ensure_future(stop.wait())
+        stopper = asyncio.ensure_future(stop.wait())
         try:
-            await self._claim_all(stop, backoff)
+            await self._claim_all(stop, stopper, backoff)
         finally:
             stopper.cancel()
-            self._stopper = None
         # Stopping: nothing more may be started for this node, and what was (pushed to it
         # after its last claim) goes back to the queue.
         with contextlib.suppress(Exception):
             await self.transport.stop_waiting(self.gpu_id)
 
-    async def _claim_all(self, stop: asyncio.Event, backoff: Backoff) -> None:
+    async def _claim_all(
+        self, stop: asyncio.Event, stopper: asyncio.Future[Any], backoff: Backoff
+    ) -> None:
         while not stop.is_set():
             if self.busy >= self.slots:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
-            tasks = await self._claim_once(stop)
+            tasks = await self._claim_once(stop, stopper)
             if tasks is None:
                 await sleep_unless(stop, backoff.step())
                 continue
@@ -197,12 +197,14 @@ class Node:
                 for _ in range(LAUNCH_YIELDS):
                     await asyncio.sleep(0)
 
-    async def _claim_once(self, stop: asyncio.Event) -> list[ClaimedTask] | None:
+    async def _claim_once(
+        self, stop: asyncio.Event, stopper: asyncio.Future[Any]
+    ) -> list[ClaimedTask] | None:
         """Claim into the free slots; None after an error (the caller backs off)."""
         recover = self.need_recover and self.busy == 0
         try:
             try:
-                tasks = await self._claim(stop, recover)
+                tasks = await self._claim(stopper, recover)
             except NodeUnknown:
                 log.warning("%s: unknown to the system, registering again", self.gpu_id)
                 await self.register(stop)
@@ -218,15 +220,13 @@ class Node:
             self.need_recover = False
         return tasks
 
-    async def _claim(self, stop: asyncio.Event, recover: bool) -> list[ClaimedTask]:
-        """One claim, abandoned when ``stop`` is set; tasks it still brought are released."""
+    async def _claim(self, stopper: asyncio.Future[Any], recover: bool) -> list[ClaimedTask]:
+        """One claim, abandoned when ``stopper`` (the claim loop's waiter on stop) is done;
+        tasks it still brought are released."""
         claim = asyncio.create_task(
             self.transport.claim(self.gpu_id, self.opts.claim_wait_s, recover=recover)
         )
-        waiters: set[asyncio.Future[Any]] = {claim}
-        if self._stopper is not None:
-            waiters.add(self._stopper)
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({claim, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if not claim.done():
             # Ends a claim blocked on pushed tasks and takes back what was pushed but not
             # taken; one already on its way is in the claim's result, released below.
