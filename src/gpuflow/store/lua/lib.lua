@@ -94,6 +94,15 @@ local function send_later(cmd, map, per_call)
   end
 end
 
+-- One entry of the events stream: ``id_field`` 'taskId' (one task) or 'taskIds' (several,
+-- comma-separated), then the event's own fields.
+local function add_event(kind, id_field, ids, status, extra)
+  local args = {'XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, '*',
+                'event', kind, id_field, ids, 'status', status}
+  for _, v in ipairs(extra) do args[#args + 1] = v end
+  redis.call(unpack(args))
+end
+
 local function flush_later()
   if not LATER then return end
   local later = LATER
@@ -105,15 +114,8 @@ local function flush_later()
   for _, g in ipairs(later.groups) do
     for i = 1, #g.ids, EVENT_GROUP do
       local last = math.min(i + EVENT_GROUP - 1, #g.ids)
-      local args = {'XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', g.kind}
-      if last == i then
-        args[9], args[10] = 'taskId', g.ids[i]
-      else
-        args[9], args[10] = 'taskIds', table.concat(g.ids, ',', i, last)
-      end
-      args[11], args[12] = 'status', g.status
-      for _, v in ipairs(g.extra) do args[#args + 1] = v end
-      redis.call(unpack(args))
+      add_event(g.kind, last == i and 'taskId' or 'taskIds', table.concat(g.ids, ',', i, last),
+                g.status, g.extra)
     end
   end
 end
@@ -145,10 +147,7 @@ local function emit(kind, id, status, extra, view_of)
     end
     g.ids[#g.ids + 1] = id
   else
-    local args = {'XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, '*',
-                  'event', kind, 'taskId', id, 'status', status}
-    for _, v in ipairs(extra) do args[#args + 1] = v end
-    redis.call(unpack(args))
+    add_event(kind, 'taskId', id, status, extra)
   end
   -- ``view_of`` 'new': the task is being created, so nobody can know its id yet (ids are
   -- made by the api): the event only, no note.
