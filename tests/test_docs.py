@@ -16,7 +16,7 @@ CLIENT_SIDE = {"GPUFLOW_API_URL", "GPUFLOW_API_KEY"}
 def test_readme_configuration_table_matches_settings() -> None:
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Configuration", 1)[1]
-    documented = set(re.findall(r"^\| `(GPUFLOW_[A-Z_]+)` \| `?([^`|]*)`? \|", table, re.M))
+    documented = set(re.findall(r"^\| `(GPUFLOW_[A-Z0-9_]+)` \| `?([^`|]*)`? \|", table, re.M))
     names = {name for name, _ in documented}
     expected = {f"GPUFLOW_{n.upper()}" for n in Settings.model_fields}
     assert names == expected
@@ -24,7 +24,7 @@ def test_readme_configuration_table_matches_settings() -> None:
         value = Settings.model_fields[name.removeprefix("GPUFLOW_").lower()].default
         shown = "unset" if value is None else str(value)
         assert default.strip() == shown, name
-    assert set(re.findall(r"GPUFLOW_[A-Z_]+", table)) >= CLIENT_SIDE
+    assert set(re.findall(r"GPUFLOW_[A-Z0-9_]+", table)) >= CLIENT_SIDE
 
 
 def test_lua_prelude_builds_the_same_key_names_as_keys_py() -> None:

@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     )
     heartbeat_interval_s: float = Field(default=5.0, description="Worker heartbeat period.")
     claim_wait_max_s: float = Field(default=60.0, description="Longest claim long-poll.")
+    gc_gen0_threshold: int = Field(
+        default=10_000,
+        ge=0,
+        description="Allocations between young-generation GC passes in the api and worker "
+        "processes (0: Python's default, 700).",
+    )
     events_maxlen: int = Field(
         default=10_000,
         description="Length cap of the events stream, in entries (a batch call's like "

@@ -13,6 +13,7 @@ import typer
 
 from gpuflow.adminkey import load_or_create_admin_key
 from gpuflow.config import Settings
+from gpuflow.gctuning import tune_gc
 from gpuflow.store.embedded import EmbeddedRedis, EmbeddedRedisError
 
 Host = Annotated[str, typer.Option(help="Interface to listen on.")]
@@ -62,6 +63,7 @@ def _serve(settings: Settings, redis_url: str) -> None:
     from gpuflow.api.app import create_app
 
     app = create_app(settings, redis_url)
+    tune_gc(settings.gc_gen0_threshold)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level="info", access_log=False,
         loop="auto", http="auto", lifespan="on", timeout_graceful_shutdown=10,

@@ -22,6 +22,7 @@ import typer
 import uvloop
 
 from gpuflow.config import get_settings
+from gpuflow.gctuning import tune_gc
 from gpuflow.store.embedded import EmbeddedRedisError, read_url
 from gpuflow.worker import Agent, TransportRejected, Worker, detect_nodes, load_worker
 from gpuflow.worker.executor import ExecutorError
@@ -149,6 +150,7 @@ def worker(
         raise typer.Exit(2) from exc
     for node in nodes:
         log.info("node %s: %s", node.gpu_id, node.metadata)
+    tune_gc(get_settings().gc_gen0_threshold)
     # uvloop: the agent's loop is the hot path of every task (claim, report, heartbeat).
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         code = runner.run(_serve(served, make_transport, nodes, grace))
