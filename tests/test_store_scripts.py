@@ -7,8 +7,10 @@ import asyncio
 from hashlib import sha1
 
 import pytest
+from redis.exceptions import ResponseError
 
 from gpuflow.store import Store
+from gpuflow.store.scripts import KEEP_IDLE
 
 pytestmark = pytest.mark.redis
 
@@ -22,17 +24,34 @@ SLOW = (
 
 
 async def test_a_call_whose_connection_was_killed_goes_through(store: Store) -> None:
-    r = store.redis
-    assert await store.scripts.call("unwait", "gpu-none") == 0  # loaded, pooled
-    name = f"scripts-test-{store.keys.prefix.strip(':')}"
-    await r.client_setname(name)  # the pool's one connection so far
+    assert await store.scripts.call("unwait", "gpu-none") == 0  # loaded; its connection kept
+    (kept,) = store.scripts._idle
+    await kept.send_command("CLIENT", "ID")
+    kept_id = int(await kept.read_response())
     async with store.blocking_client() as other:
-        killed = [c["id"] for c in await other.client_list() if c["name"] == name]
-        assert killed
-        for cid in killed:
-            await other.client_kill_filter(_id=cid)
+        await other.client_kill_filter(_id=kept_id)
         assert await store.scripts.call("unwait", "gpu-none") == 0
-        assert not [c for c in await other.client_list() if c["name"] == name]
+        assert kept_id not in [int(c["id"]) for c in await other.client_list()]
+
+
+async def test_kept_connections_are_bounded_and_given_back(store: Store) -> None:
+    """Concurrent calls take connections from the pool; at most KEEP_IDLE stay with the
+    scripts afterwards, the rest go back; close() gives back those too."""
+    pool = store.redis.connection_pool
+    await asyncio.gather(*(store.scripts.call("unwait", f"gpu-{i}") for i in range(KEEP_IDLE + 8)))
+    assert len(store.scripts._idle) == KEEP_IDLE
+    assert len(pool._in_use_connections) == KEEP_IDLE
+    await store.scripts.close()
+    assert not store.scripts._idle and not pool._in_use_connections
+    assert await store.scripts.call("unwait", "gpu-none") == 0  # usable after close
+
+
+async def test_an_error_reply_keeps_the_connection_clean(store: Store) -> None:
+    scripts = store.scripts
+    with pytest.raises(ResponseError, match="NOGPU"):
+        await scripts.call("claim", "gpu-none", 1000, 1000, 0.8, 0, "compact", 0, 0, "q")
+    assert len(scripts._idle) == 1  # read whole: kept, and the next call gets its own reply
+    assert await scripts.call("unwait", "gpu-none") == 0
 
 
 async def test_a_cancelled_call_leaves_no_reply_for_the_next_one(store: Store) -> None:

@@ -38,4 +38,5 @@ class Store:
         return make_redis(self.url, max_connections=max_connections, blocking=True)
 
     async def close(self) -> None:
+        await self.scripts.close()
         await self.redis.aclose()

@@ -8,6 +8,8 @@ calls are on every task's path.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -36,6 +38,31 @@ def make_redis(url: str, *, max_connections: int = 64, blocking: bool = False) -
     )
     pool.connection_class = packing(pool.connection_class)
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it too
+
+
+async def _send_bounded(conn: Any, command: bytes | str | Iterable[bytes]) -> None:
+    """Write a packed command within the connection's socket timeout. redis-py bounds a send
+    with ``asyncio.wait_for``: a task per command, whose bytes leave a loop turn later; a
+    deadline on the caller's own task bounds it the same way. Failures end as redis-py's do:
+    the connection is closed and the error is redis-py's."""
+    if isinstance(command, str):
+        command = command.encode()
+    try:
+        async with asyncio.timeout(conn.socket_timeout):
+            if isinstance(command, bytes):
+                conn._writer.write(command)
+            else:
+                conn._writer.writelines(command)
+            await conn._writer.drain()
+    except TimeoutError as exc:  # an OSError too: this one goes first
+        await conn.disconnect(nowait=True)
+        raise RedisTimeoutError("Timeout writing to socket") from exc
+    except OSError as exc:
+        await conn.disconnect(nowait=True)
+        raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
+    except BaseException:  # e.g. cancelled mid-send: what reached the socket is unknown
+        await conn.disconnect(nowait=True)
+        raise
 
 
 _PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {}
@@ -68,6 +95,16 @@ def packing(cls: type[AbstractConnection]) -> type[AbstractConnection]:
                 except TypeError:  # a type only redis-py packs, or refuses with DataError
                     pass
             return list(super().pack_command(*args))
+
+        async def send_packed_command(
+            self, command: bytes | str | Iterable[bytes], check_health: bool = True
+        ) -> None:
+            if not self.socket_timeout or not self.is_connected:
+                await super().send_packed_command(command, check_health)
+                return
+            if check_health:
+                await self.check_health()
+            await _send_bounded(self, command)
 
     Packing.__name__ = Packing.__qualname__ = f"Packing{cls.__name__}"
     _PACKING[cls] = Packing
