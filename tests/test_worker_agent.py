@@ -371,3 +371,39 @@ async def test_an_idle_agent_gets_new_tasks_pushed_and_a_stopped_one_none(
     after = await s.tasks.create(NewTask(24, "late"))
     assert after["status"] == "QUEUED"
     assert await s.store.redis.llen(s.store.keys.gpu_inbox(gpu_id)) <= 1  # at most a wake row
+
+
+async def test_in_loop_handlers_start_eagerly(
+    services: Services, transport: RedisTransport
+) -> None:
+    """An async handler's first step runs in the job's own task (worker/eager.py): one that
+    never suspends ends there; one that suspends goes on in a task of its own, under its
+    timeout as before."""
+    where: dict[str, list[str | None]] = {"quick": [], "slow": []}
+
+    def task_name() -> str | None:
+        current = asyncio.current_task()
+        return current.get_name() if current is not None else None
+
+    async def quick(payload: Any, ctx: TaskContext) -> str:
+        where["quick"].append(task_name())
+        return "quick"
+
+    async def slow(payload: Any, ctx: TaskContext) -> str:
+        where["slow"].append(task_name())
+        await asyncio.sleep(0.01)
+        where["slow"].append(task_name())
+        await asyncio.sleep(30)  # past its timeout
+        return "late"
+
+    s = services
+    eager = Worker({41: quick, 42: slow})
+    async with running(agent(eager, transport, nodes([41, 42], slots=2))):
+        fast = await create(s.tasks, 41)
+        late = await create(s.tasks, 42, timeout=300, max_retries=0)
+        done = await wait_status(s.store, [fast, late], within_s=20)
+    assert done[fast]["status"] == "COMPLETED" and done[fast]["result"] == "quick"
+    assert where["quick"] == [f"task-{fast}"]
+    assert done[late]["status"] == "TIMEOUT", done[late]
+    first, after = where["slow"]
+    assert first == f"task-{late}" and after != first  # resumed in a task of its own

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpuflow.worker.aio import Backoff, ProgressPump, cancel_and_wait, sleep_unless
+from gpuflow.worker.eager import Started
 from gpuflow.worker.executor import ProcessExecutor, run_in_loop
 from gpuflow.worker.sdk import Handler, Outcome, TaskContext, Worker, is_async_handler
 from gpuflow.worker.supervise import Job, supervise
@@ -303,7 +304,13 @@ class Node:
         work: asyncio.Future[Outcome]
         if executor is None:
             ctx = TaskContext.for_task(task, pump.push, self.spec.gpu_index, job.flag)
-            work = asyncio.ensure_future(run_in_loop(fn, task, ctx))
+            if job.stopped:  # told to stop before it began: supervise stops it unstarted
+                work = asyncio.ensure_future(run_in_loop(fn, task, ctx))
+            else:
+                started = Started(run_in_loop(fn, task, ctx))
+                if started.done:  # ended without suspending: nothing left to supervise
+                    return started.value
+                work = asyncio.ensure_future(started.resume())
         else:
             if not executor.alive:  # died while idle
                 await self._restart(executor)
