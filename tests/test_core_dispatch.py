@@ -295,6 +295,32 @@ async def test_a_new_task_is_started_for_a_waiting_gpu_and_pushed(services: Serv
     assert [r[0] for r in await s.dispatch.claim_rows("p1", 5.0, push=True)] == [third["taskId"]]
 
 
+async def test_inbox_reads_keep_their_connection_and_a_cancelled_one_takes_nothing(
+    services: Services,
+) -> None:
+    """An agent's inbox reads run on connections the dispatcher keeps between them; a read
+    cancelled while it blocks closes its connection, so a task pushed afterwards waits in the
+    inbox for the next read instead of going to the dead one."""
+    s = services
+    await s.gpus.register(GpuSpec("k1", [1], max_concurrent_tasks=4))
+    claim = await _waiting(s, "k1")
+    first = await s.tasks.create(NewTask(1, "a"))
+    assert [r[0] for r in await asyncio.wait_for(claim, 5)] == [first["taskId"]]
+    assert s.dispatch._inboxes.kept == 1  # the read's connection, clean, kept for the next
+    blocked = asyncio.create_task(s.dispatch.claim_rows("k1", 5.0, push=True))
+    await asyncio.sleep(0.2)  # blocked in its BLPOP on the kept connection
+    assert s.dispatch._inboxes.kept == 0
+    blocked.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+    await asyncio.sleep(0.05)
+    second = await s.tasks.create(NewTask(1, "b"))
+    assert second["status"] == "PROCESSING"  # still registered as waiting: pushed
+    rows = await asyncio.wait_for(s.dispatch.claim_rows("k1", 5.0, push=True), 5)
+    assert [r[0] for r in rows] == [second["taskId"]]
+    assert s.dispatch._inboxes.kept == 1
+
+
 async def test_a_task_queued_another_way_wakes_a_waiting_gpu(services: Services) -> None:
     """Retries, requeues and exclusive types go through the stream: the waiting GPU is woken
     with an empty row and takes the task with its next claim."""

@@ -10,7 +10,7 @@ import pytest
 from redis.exceptions import ResponseError
 
 from gpuflow.store import Store
-from gpuflow.store.scripts import KEEP_IDLE
+from gpuflow.store.kept import KEEP_IDLE
 
 pytestmark = pytest.mark.redis
 
@@ -25,7 +25,7 @@ SLOW = (
 
 async def test_a_call_whose_connection_was_killed_goes_through(store: Store) -> None:
     assert await store.scripts.call("unwait", "gpu-none") == 0  # loaded; its connection kept
-    (kept,) = store.scripts._idle
+    (kept,) = store.scripts.connections._idle
     await kept.send_command("CLIENT", "ID")
     kept_id = int(await kept.read_response())
     async with store.blocking_client() as other:
@@ -39,10 +39,10 @@ async def test_kept_connections_are_bounded_and_given_back(store: Store) -> None
     scripts afterwards, the rest go back; close() gives back those too."""
     pool = store.redis.connection_pool
     await asyncio.gather(*(store.scripts.call("unwait", f"gpu-{i}") for i in range(KEEP_IDLE + 8)))
-    assert len(store.scripts._idle) == KEEP_IDLE
+    assert store.scripts.connections.kept == KEEP_IDLE
     assert len(pool._in_use_connections) == KEEP_IDLE
     await store.scripts.close()
-    assert not store.scripts._idle and not pool._in_use_connections
+    assert not store.scripts.connections.kept and not pool._in_use_connections
     assert await store.scripts.call("unwait", "gpu-none") == 0  # usable after close
 
 
@@ -50,7 +50,7 @@ async def test_an_error_reply_keeps_the_connection_clean(store: Store) -> None:
     scripts = store.scripts
     with pytest.raises(ResponseError, match="NOGPU"):
         await scripts.call("claim", "gpu-none", 1000, 1000, 0.8, 0, "compact", 0, 0, "q")
-    assert len(scripts._idle) == 1  # read whole: kept, and the next call gets its own reply
+    assert scripts.connections.kept == 1  # read whole: kept; the next call gets its own reply
     assert await scripts.call("unwait", "gpu-none") == 0
 
 

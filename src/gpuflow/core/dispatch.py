@@ -37,6 +37,7 @@ from gpuflow.core.models import task_view
 from gpuflow.core.tasks import started_tasks
 from gpuflow.core.ttlcache import TtlCache
 from gpuflow.store import Store
+from gpuflow.store.kept import KeptConnections
 from gpuflow.store.keys import GROUP
 
 #: How long a node's stream list is reused before it is read again. The claim script checks
@@ -50,6 +51,8 @@ MAX_DRAINED = 100_000
 #: How much longer than its blocking read a GPU's waiting flag lives: a task pushed just as
 #: the read ends waits in the inbox for the next claim, which takes it (claim.lua).
 WAIT_MARGIN_MS = 1000
+#: Connections kept for inbox reads (one per GPU an agent serves is in use at a time).
+MAX_KEPT_INBOX_CONNECTIONS = 64
 
 
 #: A compact claim's fields, in the order claim.lua answers them.
@@ -89,6 +92,9 @@ class Dispatcher:
         #: GPUs registered as waiting for pushed tasks (``push=True``): their next claim
         #: goes straight to the inbox.
         self._waiting: set[str] = set()
+        #: The agents' ``BLPOP``s, on connections of ``blocking`` kept between them: the
+        #: pool's return sat between a pushed task's arrival and its start.
+        self._inboxes = KeptConnections(blocking, keep=MAX_KEPT_INBOX_CONNECTIONS)
 
     async def _node_streams(self, gpu_id: str) -> list[str]:
         """The streams the node reads, highest priority first (cached ``STREAMS_TTL_S``)."""
@@ -179,7 +185,10 @@ class Dispatcher:
                 if not started and free <= 0 and wait_s > 0:  # busy, locked, not ACTIVE
                     await asyncio.sleep(min(wait_s, 1.0))
                 return started
-        reply = await self.blocking.blpop([self.store.keys.gpu_inbox(gpu_id)], timeout=wait_s)
+        inbox = self.store.keys.gpu_inbox(gpu_id)
+        reply = await self._inboxes.call(
+            lambda: self.blocking.blpop([inbox], timeout=wait_s), "BLPOP", inbox, wait_s
+        )
         raw = reply[1] if reply else None
         if not raw:  # timed out, or woken to claim from a stream (or to stop)
             self._waiting.discard(gpu_id)
@@ -188,6 +197,10 @@ class Dispatcher:
         if not stay:
             self._waiting.discard(gpu_id)
         return [row]
+
+    async def close(self) -> None:
+        """Give the kept inbox connections back to the blocking client's pool."""
+        await self._inboxes.close()
 
     async def unwait(self, gpu_id: str) -> int:
         """The GPU's agent stops: no more pushes, unclaimed pushed tasks go back to their

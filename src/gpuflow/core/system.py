@@ -39,5 +39,6 @@ class System:
             return False
 
     async def close(self) -> None:
+        await self.dispatch.close()
         await self._blocking.aclose()
         await self.store.close()

@@ -17,9 +17,9 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import NoScriptError
+
+from gpuflow.store.kept import KeptConnections
 
 SCRIPT_NAMES = (
     "create_task",
@@ -87,66 +87,39 @@ def script_source(name: str) -> str:
     return prelude + "\n" + body
 
 
-#: Connections a :class:`Scripts` keeps between its calls (more go back to the pool).
-KEEP_IDLE = 16
-
-
 class Scripts:
     """The scripts of one Redis client, called with the prefix filled in.
 
-    Each call sends EVALSHA and reads its reply itself (loading the script on NOSCRIPT,
-    after a Redis restart or against a new server): not through redis-py's ``AsyncScript``
-    (an ``isinstance`` check against a typing Protocol per call) nor
-    ``Redis.execute_command``, whose per-command layers (retry closures, observability hooks
-    awaited even when off) cost ~15 µs of a ~130 µs round trip here, on a path that runs once
-    or twice per task. It keeps up to ``KEEP_IDLE`` connections of the client's pool between
-    calls: the pool's own checkout and return (a condition, a lock, a read-ahead check for
-    stale data, observability hooks) took ~100 µs of an agent's ~300 µs between a pushed
-    task's arrival and its report leaving (docs/architecture.md). A kept connection is clean
-    by construction: it goes back to the list only after its reply was read whole (a call
-    cancelled or failed in between leaves it to the pool, which closes or checks it). A call
-    whose connection fails (redis-py closes it) goes the client's full way instead, with its
-    retries: one attempt more than before."""
+    Each call sends EVALSHA itself on a kept connection (:mod:`gpuflow.store.kept`), loading
+    the script on NOSCRIPT (after a Redis restart or against a new server): not through
+    redis-py's ``AsyncScript`` (an ``isinstance`` check against a typing Protocol per call)
+    nor ``Redis.execute_command``, whose per-command layers (retry closures, observability
+    hooks awaited even when off) cost ~15 µs of a ~130 µs round trip here, on a path that
+    runs once or twice per task. A call whose connection fails goes the client's full way
+    instead, with its retries: one attempt more than before."""
 
     def __init__(self, redis: Redis, prefix: str, events_maxlen: int) -> None:
         self._redis = redis
         self._head = [prefix, str(events_maxlen)]
         self._sources = {name: script_source(name) for name in SCRIPT_NAMES}
         self._shas = {name: sha1(src.encode()).hexdigest() for name, src in self._sources.items()}
-        self._idle: list[Any] = []  # redis-py connections, checked out of the pool
+        self.connections = KeptConnections(redis)
 
     async def call(self, name: str, *args: Any) -> Any:
         sha = self._shas[name]
         try:
-            return await self._evalsha(sha, args)
+            return await self.connections.call(
+                lambda: self._redis.evalsha(sha, 0, *self._head, *args),
+                "EVALSHA",
+                sha,
+                0,
+                *self._head,
+                *args,
+            )
         except NoScriptError:
             await self._redis.script_load(self._sources[name])
             return await self._redis.evalsha(sha, 0, *self._head, *args)
 
-    async def _evalsha(self, sha: str, args: tuple[Any, ...]) -> Any:
-        pool: Any = self._redis.connection_pool  # redis-py's pool is untyped
-        conn = self._idle.pop() if self._idle else await pool.get_connection()
-        clean = False  # the reply was read whole: the connection may serve the next call
-        try:
-            await conn.send_command("EVALSHA", sha, 0, *self._head, *args)
-            reply = await conn.read_response()
-            clean = True
-            return reply
-        except ResponseError:  # an error reply (NOSCRIPT, a script's error), read whole
-            clean = True
-            raise
-        except (RedisConnectionError, RedisTimeoutError):
-            pass  # the connection closed itself (redis-py does on any failed send or read)
-        finally:
-            if clean and len(self._idle) < KEEP_IDLE:
-                self._idle.append(conn)
-            else:
-                await pool.release(conn)
-        return await self._redis.evalsha(sha, 0, *self._head, *args)
-
     async def close(self) -> None:
         """Give the kept connections back to the pool (before the client closes it)."""
-        pool: Any = self._redis.connection_pool
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await pool.release(conn)
+        await self.connections.close()

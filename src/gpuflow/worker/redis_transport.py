@@ -188,6 +188,7 @@ class RedisTransport:
             await self.tasks.requeue(task.task_id, attempt=task.attempt)
 
     async def close(self) -> None:
+        await self.dispatcher.close()
         await self._blocking.aclose()
         if self._owns_store:
             await self.store.close()
