@@ -42,18 +42,25 @@ def make_redis(url: str, *, max_connections: int = 64, blocking: bool = False) -
 
 async def _send_bounded(conn: Any, command: bytes | str | Iterable[bytes]) -> None:
     """Write a packed command within the connection's socket timeout. redis-py bounds a send
-    with ``asyncio.wait_for``: a task per command, whose bytes leave a loop turn later; a
-    deadline on the caller's own task bounds it the same way. Failures end as redis-py's do:
-    the connection is closed and the error is redis-py's."""
+    with ``asyncio.wait_for``: a task per command, whose bytes leave a loop turn later. The
+    write itself never waits (the transport buffers what the socket does not take); only the
+    drain can, while the transport holds more than its high-water mark. So the deadline
+    (``asyncio.timeout``: a timer, ~8 µs here) is armed only when the socket left bytes in
+    the buffer; otherwise the drain just checks the connection. Failures end as redis-py's
+    do: the connection is closed and the error is redis-py's."""
     if isinstance(command, str):
         command = command.encode()
+    writer = conn._writer
     try:
-        async with asyncio.timeout(conn.socket_timeout):
-            if isinstance(command, bytes):
-                conn._writer.write(command)
-            else:
-                conn._writer.writelines(command)
-            await conn._writer.drain()
+        if isinstance(command, bytes):
+            writer.write(command)
+        else:
+            writer.writelines(command)
+        if writer.transport.get_write_buffer_size() == 0:
+            await writer.drain()  # returns at once (or raises for a lost connection)
+        else:
+            async with asyncio.timeout(conn.socket_timeout):
+                await writer.drain()
     except TimeoutError as exc:  # an OSError too: this one goes first
         await conn.disconnect(nowait=True)
         raise RedisTimeoutError("Timeout writing to socket") from exc
