@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from gpuflow.client import AsyncClient
@@ -19,6 +20,8 @@ from gpuflow.core.tasks import NewTask
 from gpuflow.worker import TaskContext, Worker
 
 TASK_TYPE = 1
+#: Round trips each side of a duel (http_e2e_turns) makes before its samples.
+DUEL_WARM_UP = 100
 BATCH_CONCURRENCY = 64
 # Over HTTP: 32, as the HTTP ceiling's load generator (the api also takes 64 without errors:
 # its Redis pool waits for a free connection instead of failing).
@@ -34,10 +37,15 @@ async def noop(payload: Any, ctx: TaskContext) -> Any:
     return payload
 
 
-def _pct(samples: list[float]) -> dict[str, float]:
-    ms = sorted(s * 1000 for s in samples)
+def pct_ms(ms_samples: list[float]) -> dict[str, float]:
+    """p50 / p99 (nearest rank) and n of samples in ms."""
+    ms = sorted(ms_samples)
     at = lambda p: ms[min(len(ms) - 1, round(p * (len(ms) - 1)))]  # noqa: E731
     return {"p50": at(0.50), "p99": at(0.99), "n": len(ms)}
+
+
+def _pct(samples: list[float]) -> dict[str, float]:
+    return pct_ms([s * 1000 for s in samples])
 
 
 async def _gather_bounded(
@@ -87,7 +95,7 @@ async def http_enqueue(api: str, key: str, n: int, *, batch: bool, deadline_s: f
         return n / (time.perf_counter() - t0)
 
 
-async def _breakdown(url: str, settings: Settings, ids: list[str]) -> dict[str, float]:
+async def breakdown(url: str, settings: Settings, ids: list[str]) -> dict[str, float]:
     """Median ms from the task records (ms timestamps): created → started (dispatch) and
     started → completed (run + report)."""
     system = System.connect(url, settings)
@@ -108,11 +116,54 @@ async def _breakdown(url: str, settings: Settings, ids: list[str]) -> dict[str, 
     }
 
 
+async def http_e2e_turns(
+    api: str,
+    key: str,
+    turns: int,
+    per_turn: int,
+    peer: Callable[[int], list[float]],
+    deadline_s: float,
+) -> tuple[list[float], list[float], list[str]]:
+    """gpuflow (HTTP) and a peer taking turns: ``turns`` times ``per_turn`` round trips each,
+    the first of each pair alternating; ``peer(n)`` makes the peer's n and returns their ms.
+    Both warmed up first (the peer by its caller). gpuflow's ms, the peer's ms, gpuflow's
+    task ids."""
+    async with (
+        asyncio.timeout(deadline_s),
+        AsyncClient(api, api_key=key, transport=TRANSPORT) as gf,
+    ):
+        ids: list[str] = []
+        ours: list[float] = []
+        theirs: list[float] = []
+
+        async def one(i: int) -> None:
+            t0 = time.perf_counter()
+            task = await gf.run_task(TASK_TYPE, {"i": i})
+            took = (time.perf_counter() - t0) * 1000
+            if task["status"] != "COMPLETED":
+                raise RuntimeError(f"task {task['taskId']} ended {task['status']}")
+            if i >= 0:
+                ours.append(took)
+                ids.append(task["taskId"])
+
+        for _ in range(DUEL_WARM_UP):
+            await one(-1)
+        for turn in range(turns):
+            for who in ("peer", "gpuflow") if turn % 2 == 0 else ("gpuflow", "peer"):
+                if who == "peer":
+                    theirs += peer(per_turn)  # blocks this loop: gpuflow's client is idle
+                else:
+                    for i in range(per_turn):
+                        await one(i)
+    return ours, theirs, ids
+
+
 async def http_e2e(
     api: str, key: str, m: int, deadline_s: float, url: str = "", settings: Settings | None = None
 ) -> dict[str, Any]:
-    """Submit one task and wait for its end, ``m`` times; p50 / p99 in ms (and, given the
-    Redis ``url``, where the time goes: see :func:`_breakdown`)."""
+    """Submit one task and wait for its end, ``m`` times; p50 / p99 in ms, each sample
+    (``samples``, ms) and task (``ids``), and, given the Redis ``url``, where the time goes
+    (see :func:`breakdown`)."""
     async with AsyncClient(api, api_key=key, transport=TRANSPORT) as gf:
         ids: list[str] = []
 
@@ -130,5 +181,6 @@ async def http_e2e(
                 await one(i)
                 samples.append(time.perf_counter() - t0)
     how = "`AsyncClient.run_task`: `POST /api/v2/tasks?wait=30`, one request"
-    parts = await _breakdown(url, settings, ids[1:]) if url and settings else {}
-    return {**_pct(samples), **parts, "how": how}
+    parts = await breakdown(url, settings, ids[1:]) if url and settings else {}
+    done = {"samples": [s * 1000 for s in samples], "ids": ids[1:]}
+    return {**_pct(samples), **parts, "how": how, **done}

@@ -282,9 +282,16 @@ _Written by `bench/run.py`; do not edit by hand (rerun it)._
   `transport="aiohttp"`). Batch = the
   peer's bulk call where it has one, else 64 concurrent calls (async peers) or a loop; over
   HTTP 32 concurrent `create_task`, as the HTTP ceiling's load generator.
-- **E2E**: submit one task, wait for its result, {results.args.get("e2e")} times in a row, with
-  the workers of the drain setup idle, after an AOF rewrite (`BGREWRITEAOF`, waited for) so
-  that no system's run shares the cores with a rewrite of what its drain left behind.
+- **E2E**: submit one task, wait for its result, {results.args.get("e2e")} times, with the
+  workers of the drain setup idle, after an AOF rewrite (`BGREWRITEAOF`, waited for) so that
+  no system's run shares the cores with a rewrite of what its drain left behind. gpuflow and
+  BullMQ, the two a target compares, are measured together at the end of each round: both
+  systems' workers up, each side warmed up with 100 round trips, then 10 turns each of a
+  tenth of the round trips, taking turns (who goes first alternates), each side's p50 / p99
+  over all its samples, so that a drift of the machine's speed weighs on both alike
+  (measured one after the other, minutes apart, their ratio ranged 0.80-1.26 over the five
+  rounds of one run). BullMQ's driver is one Node.js process for all its turns
+  (`bullmq_app.mjs e2e-turns`). The other peers: in a row, in their own step.
   gpuflow over HTTP uses `AsyncClient.run_task`: one `POST /api/v2/tasks?wait=30` that
   creates the task and answers when it is final. arq's
   `Job.result(poll_delay=0.005)` and saq's `Queue.apply(poll_interval=0.005)` poll
@@ -303,8 +310,9 @@ _Written by `bench/run.py`; do not edit by hand (rerun it)._
   rows are the same loads against uvicorn serving a raw ASGI app that does nothing
   (`bench/floor_app.py`): no route of any ASGI app costs less here.
 - **Order**: each round runs BullMQ, gpuflow, the bare FastAPI app, the e2e floor, then the
-  Python peers; every other round in reverse order. The systems a target compares run next
-  to each other, and a drift of the machine's speed within a round weighs on them alike.
+  Python peers, every other round in reverse order, then gpuflow's and BullMQ's e2e turns.
+  The systems a target compares run next to each other, and a drift of the machine's speed
+  within a round weighs on them alike.
 - Every peer is installed in its own virtual environment under `bench/.work/venvs/` (BullMQ with
   npm under `bench/.work/node/`), each starts from an empty Redis (`FLUSHALL`). Logs of every
   process are in `bench/.work/logs/`.

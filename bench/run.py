@@ -42,6 +42,8 @@ from gpuflow.store.embedded import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "gf:"
+#: gpuflow's and BullMQ's e2e round trips are taken in this many turns each (run_e2e_duel).
+DUEL_CHUNKS = 10
 
 
 class Bench:
@@ -218,8 +220,9 @@ class Bench:
                 row.update(
                     self.drain(peer.name, lambda: int(r.execute_command(*peer.count) or 0), workers)
                 )
-            self.settle()
-            row["e2e"] = self.driver(peer, "e2e", self.args.e2e)
+            if not (peer.name == "bullmq" and self.duel):
+                self.settle()
+                row["e2e"] = self.driver(peer, "e2e", self.args.e2e)
         finally:
             self.stop(workers)
         print(f"   {row}", flush=True)
@@ -315,8 +318,10 @@ class Bench:
                     )
                 for spy in spies:
                     self.py_spy_wait(spy)
-                self.settle()
-                http["e2e"] = asyncio.run(gfa.http_e2e(api_url, key, self.args.e2e, t, self.url, s))
+                if not self.duel:
+                    self.settle()
+                    e2e = asyncio.run(gfa.http_e2e(api_url, key, self.args.e2e, t, self.url, s))
+                    http["e2e"] = {k: v for k, v in e2e.items() if k not in ("samples", "ids")}
             finally:
                 self.stop(workers)
             m = self.args.enqueue
@@ -336,6 +341,74 @@ class Bench:
         finally:
             self.stop([api])
         print(f"   {row}\n   {http}", flush=True)
+
+    @property
+    def duel(self) -> bool:
+        """gpuflow's and BullMQ's e2e are measured together (:meth:`run_e2e_duel`)."""
+        only = self.args.only
+        return "gpuflow" in only and "bullmq" in only and has_node()
+
+    def run_e2e_duel(self) -> None:
+        """gpuflow (HTTP) and BullMQ end to end in one phase: both systems' workers up (idle
+        but for this), ``DUEL_CHUNKS`` turns each of N / ``DUEL_CHUNKS`` round trips, the
+        first of each pair alternating, so that the machine's drift within the phase weighs
+        on both alike; each side warmed up first (BullMQ's driver is one process for all its
+        turns); their p50 / p99 are over all their samples."""
+        print("== e2e: gpuflow and BullMQ taking turns", flush=True)
+        gf_row = self.results.systems.get("gpuflow (HTTP API)")
+        bull_row = self.results.systems.get("bullmq")
+        if gf_row is None or bull_row is None:
+            raise RuntimeError("gpuflow's or BullMQ's step failed in this round")
+        peer = PEERS["bullmq"]
+        s, t = self.settings(), float(self.args.phase_timeout)
+        per_turn = max(1, self.args.e2e // DUEL_CHUNKS)
+        self.flush()
+        port = free_port()
+        api_url, key = f"http://127.0.0.1:{port}", self.admin_key
+        procs = [self.start_api(port)]
+        driver: subprocess.Popen[str] | None = None
+        try:
+            procs += self.gpuflow_workers(self.args.gpuflow_setup)
+            env, cwd = self.env(PYTHONPATH=str(PEERS_DIR)), self.work / "node"
+            procs += [
+                self.spawn(f"bullmq-duel-w{i}", argv, env, cwd)
+                for i, argv in enumerate(peer.workers(self.work))
+            ]
+            self.settle()
+            with (self.logs / "bullmq-driver.log").open("a") as err:
+                driver = subprocess.Popen(
+                    [*peer.driver(self.work), "e2e-turns", str(gfa.DUEL_WARM_UP)], cwd=cwd, env=env,
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                )  # fmt: skip
+            assert driver.stdin is not None and driver.stdout is not None
+            pipe_in, pipe_out = driver.stdin, driver.stdout
+
+            def bullmq(n: int) -> list[float]:
+                pipe_in.write(f"{n}\n")
+                pipe_in.flush()
+                line = pipe_out.readline()
+                if not line:
+                    raise RuntimeError("the BullMQ driver stopped; see logs/bullmq-driver.log")
+                return [float(x) for x in json.loads(line)["samples"]]
+
+            if "ready" not in json.loads(pipe_out.readline() or "{}"):
+                raise RuntimeError("the BullMQ driver did not warm up; see its log")
+            ours, theirs, ids = asyncio.run(
+                gfa.http_e2e_turns(api_url, key, DUEL_CHUNKS, per_turn, bullmq, t)
+            )
+            parts = asyncio.run(gfa.breakdown(self.url, s, ids))
+        finally:
+            if driver is not None:
+                with contextlib.suppress(Exception):
+                    driver.stdin.close()  # type: ignore[union-attr]
+                    driver.wait(30)
+                if driver.poll() is None:
+                    driver.kill()
+            self.stop(procs)
+        how = "`AsyncClient.run_task`: `POST /api/v2/tasks?wait=30`, one request"
+        gf_row["e2e"] = {**gfa.pct_ms(ours), **parts, "how": how}
+        bull_row["e2e"] = gfa.pct_ms(theirs)
+        print(f"   gpuflow {gf_row['e2e']}\n   bullmq {bull_row['e2e']}", flush=True)
 
     def run_floor(self) -> None:
         """The end-to-end floor (``bench/e2e_floor.py``): gpuflow's six hops, no work in them."""
@@ -468,6 +541,8 @@ class Bench:
             print(f"== round {i + 1} of {self.args.rounds}", flush=True)
             for name, step in steps if i % 2 == 0 else steps[::-1]:
                 self.attempt(name, step)
+            if self.duel:  # last: it fills in the rows the round's steps made
+                self.attempt("e2e duel", self.run_e2e_duel)
             self.results.end_round()
         if self.args.scale:
             self.attempt("scale", self.run_scale)

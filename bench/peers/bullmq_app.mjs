@@ -4,6 +4,7 @@
 // completed jobs by default), so the no-op job does nothing.
 import { Queue, QueueEvents, Worker } from "bullmq";
 import IORedis from "ioredis";
+import { createInterface } from "node:readline";
 
 const url = new URL(process.env.BENCH_REDIS_URL);
 // BullMQ 6 in native ESM takes a constructed ioredis client (it duplicates it where needed).
@@ -63,6 +64,29 @@ async function main() {
       await queue.addBulk(Array.from({ length: size }, () => ({ name: "noop", data: {} })));
     }
     emit({ rate: count / ((performance.now() - t0) / 1000), how: "Queue.addBulk, 1,000 per call" });
+  } else if (mode === "e2e-turns") {
+    // The e2e of bench/run.py's duel: warm up with COUNT round trips, then for each line
+    // "N" on stdin make N more and print their times (ms) as one JSON line; end at EOF.
+    // One process for every turn, so that V8's compiled code stays warm between them.
+    const last = await connection.xrevrange(`bull:${NAME}:events`, "+", "-", "COUNT", 1);
+    const events = new QueueEvents(NAME, { connection, lastEventId: last.length ? last[0][0] : "0-0" });
+    await events.waitUntilReady();
+    const one = async (i) => {
+      const s = performance.now();
+      const job = await queue.add("echo", { i });
+      const value = await job.waitUntilFinished(events, 30000);
+      if (value !== i) throw new Error(`echo returned ${value}, not ${i}`);
+      return performance.now() - s;
+    };
+    for (let i = 0; i < count; i++) await one(i);
+    emit({ ready: true });
+    const lines = createInterface({ input: process.stdin });
+    for await (const line of lines) {
+      const samples = [];
+      for (let i = 0; i < Number(line); i++) samples.push(await one(i));
+      emit({ samples });
+    }
+    await events.close();
   } else if (mode === "e2e") {
     // Read events from the stream's current end, not from "$" at the time of the first
     // blocking read: that read may start after the first job already finished, and its
@@ -79,7 +103,7 @@ async function main() {
       if (value !== i) throw new Error(`echo returned ${value}, not ${i}`);
       if (i >= 0) samples.push(performance.now() - s);
     }
-    emit(percentiles(samples));
+    emit({ ...percentiles(samples), samples });
     await events.close();
   } else {
     throw new Error(`unknown mode ${mode}`);
