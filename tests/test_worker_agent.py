@@ -272,6 +272,14 @@ async def test_stale_report_is_dropped(services: Services, transport: RedisTrans
 async def test_bad_worker_setups_fail_early(transport: RedisTransport) -> None:
     with pytest.raises(ValueError, match="no handler for task type"):
         Agent(Worker({1: lambda p, c: p}), transport, nodes([1, 2]))
+    # A zero wait or interval would spin its loop; it is refused, not swapped for the default.
+    echo = Worker({1: lambda p, c: p})
+    with pytest.raises(ValueError, match="claim_wait_s must be > 0"):
+        Agent(echo, transport, nodes([1]), claim_wait_s=0.0)
+    with pytest.raises(ValueError, match="heartbeat_interval_s must be > 0"):
+        Agent(echo, transport, nodes([1]), heartbeat_interval_s=0)
+    short = Agent(echo, transport, nodes([1]), claim_wait_s=0.25, heartbeat_interval_s=0.5)
+    assert (short.options.claim_wait_s, short.options.heartbeat_interval_s) == (0.25, 0.5)
     closure = Worker({1: lambda p, c: p})
     with pytest.raises(TypeError, match="must be importable"):
         await agent(closure, transport, nodes([1])).run(asyncio.Event())

@@ -44,6 +44,12 @@ class Agent:
     ) -> None:
         if not nodes:
             raise ValueError("an agent needs at least one node")
+        for name, value in (
+            ("heartbeat_interval_s", heartbeat_interval_s),
+            ("claim_wait_s", claim_wait_s),
+        ):
+            if value is not None and not value > 0:  # 0 would spin its loop
+                raise ValueError(f"{name} must be > 0 (None: the setting), not {value}")
         for node in nodes:
             missing = set(node.supported_task_types) - set(worker.handlers)
             if missing:
@@ -58,8 +64,14 @@ class Agent:
         self.transport = transport
         self.specs = list(nodes)
         self.options = AgentOptions(
-            heartbeat_interval_s=heartbeat_interval_s or settings.heartbeat_interval_s,
-            claim_wait_s=claim_wait_s or min(settings.claim_wait_max_s, 10.0),
+            heartbeat_interval_s=(
+                settings.heartbeat_interval_s
+                if heartbeat_interval_s is None
+                else heartbeat_interval_s
+            ),
+            claim_wait_s=(
+                min(settings.claim_wait_max_s, 10.0) if claim_wait_s is None else claim_wait_s
+            ),
             grace_s=grace_s,
             executor_start_timeout_s=executor_start_timeout_s,
             stop_grace_s=stop_grace_s,
