@@ -44,10 +44,6 @@ def pct_ms(ms_samples: list[float]) -> dict[str, float]:
     return {"p50": at(0.50), "p99": at(0.99), "n": len(ms)}
 
 
-def _pct(samples: list[float]) -> dict[str, float]:
-    return pct_ms([s * 1000 for s in samples])
-
-
 async def _gather_bounded(
     n: int, one: Any, deadline_s: float, conc: int = BATCH_CONCURRENCY
 ) -> float:
@@ -116,6 +112,20 @@ async def breakdown(url: str, settings: Settings, ids: list[str]) -> dict[str, f
     }
 
 
+#: How gpuflow's e2e round trip is made (the report's row and note).
+E2E_HOW = "`AsyncClient.run_task`: `POST /api/v2/tasks?wait=30`, one request"
+
+
+async def _round_trip(gf: AsyncClient, i: int) -> tuple[float, str]:
+    """One task created and awaited: its ms and id (a task that did not complete fails)."""
+    t0 = time.perf_counter()
+    task = await gf.run_task(TASK_TYPE, {"i": i})
+    took = (time.perf_counter() - t0) * 1000
+    if task["status"] != "COMPLETED":
+        raise RuntimeError(f"task {task['taskId']} ended {task['status']}")
+    return took, task["taskId"]
+
+
 async def http_e2e_turns(
     api: str,
     key: str,
@@ -135,52 +145,35 @@ async def http_e2e_turns(
         ids: list[str] = []
         ours: list[float] = []
         theirs: list[float] = []
-
-        async def one(i: int) -> None:
-            t0 = time.perf_counter()
-            task = await gf.run_task(TASK_TYPE, {"i": i})
-            took = (time.perf_counter() - t0) * 1000
-            if task["status"] != "COMPLETED":
-                raise RuntimeError(f"task {task['taskId']} ended {task['status']}")
-            if i >= 0:
-                ours.append(took)
-                ids.append(task["taskId"])
-
         for _ in range(DUEL_WARM_UP):
-            await one(-1)
+            await _round_trip(gf, -1)
         for turn in range(turns):
             for who in ("peer", "gpuflow") if turn % 2 == 0 else ("gpuflow", "peer"):
                 if who == "peer":
                     theirs += peer(per_turn)  # blocks this loop: gpuflow's client is idle
-                else:
-                    for i in range(per_turn):
-                        await one(i)
+                    continue
+                for i in range(per_turn):
+                    took, task_id = await _round_trip(gf, i)
+                    ours.append(took)
+                    ids.append(task_id)
     return ours, theirs, ids
 
 
 async def http_e2e(
     api: str, key: str, m: int, deadline_s: float, url: str = "", settings: Settings | None = None
 ) -> dict[str, Any]:
-    """Submit one task and wait for its end, ``m`` times; p50 / p99 in ms, each sample
-    (``samples``, ms) and task (``ids``), and, given the Redis ``url``, where the time goes
-    (see :func:`breakdown`)."""
-    async with AsyncClient(api, api_key=key, transport=TRANSPORT) as gf:
+    """Submit one task and wait for its end, ``m`` times; p50 / p99 in ms (and, given the
+    Redis ``url``, where the time goes: see :func:`breakdown`)."""
+    async with (
+        asyncio.timeout(deadline_s),
+        AsyncClient(api, api_key=key, transport=TRANSPORT) as gf,
+    ):
+        await _round_trip(gf, -1)
         ids: list[str] = []
-
-        async def one(i: int) -> None:
-            task = await gf.run_task(TASK_TYPE, {"i": i})
-            ids.append(task["taskId"])
-            if task["status"] != "COMPLETED":
-                raise RuntimeError(f"task {task['taskId']} ended {task['status']}")
-
         samples: list[float] = []
-        async with asyncio.timeout(deadline_s):
-            await one(-1)
-            for i in range(m):
-                t0 = time.perf_counter()
-                await one(i)
-                samples.append(time.perf_counter() - t0)
-    how = "`AsyncClient.run_task`: `POST /api/v2/tasks?wait=30`, one request"
-    parts = await breakdown(url, settings, ids[1:]) if url and settings else {}
-    done = {"samples": [s * 1000 for s in samples], "ids": ids[1:]}
-    return {**_pct(samples), **parts, "how": how, **done}
+        for i in range(m):
+            took, task_id = await _round_trip(gf, i)
+            samples.append(took)
+            ids.append(task_id)
+    parts = await breakdown(url, settings, ids) if url and settings else {}
+    return {**pct_ms(samples), **parts, "how": E2E_HOW}

@@ -320,8 +320,9 @@ class Bench:
                     self.py_spy_wait(spy)
                 if not self.duel:
                     self.settle()
-                    e2e = asyncio.run(gfa.http_e2e(api_url, key, self.args.e2e, t, self.url, s))
-                    http["e2e"] = {k: v for k, v in e2e.items() if k not in ("samples", "ids")}
+                    http["e2e"] = asyncio.run(
+                        gfa.http_e2e(api_url, key, self.args.e2e, t, self.url, s)
+                    )
             finally:
                 self.stop(workers)
             m = self.args.enqueue
@@ -405,8 +406,7 @@ class Bench:
                 if driver.poll() is None:
                     driver.kill()
             self.stop(procs)
-        how = "`AsyncClient.run_task`: `POST /api/v2/tasks?wait=30`, one request"
-        gf_row["e2e"] = {**gfa.pct_ms(ours), **parts, "how": how}
+        gf_row["e2e"] = {**gfa.pct_ms(ours), **parts, "how": gfa.E2E_HOW}
         bull_row["e2e"] = gfa.pct_ms(theirs)
         print(f"   gpuflow {gf_row['e2e']}\n   bullmq {bull_row['e2e']}", flush=True)
 
